@@ -1,0 +1,1 @@
+"""edgevl_jax.models."""
