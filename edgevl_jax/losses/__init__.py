@@ -3,3 +3,5 @@
 `from edgevl_jax import losses; losses.dual_modality_kd_loss(...)`.
 Each submodule adds one import line below.
 """
+from edgevl_jax.losses.distill import dual_modality_kd_loss, l2_normalize
+from edgevl_jax.losses.contrastive import offline_semi_hard_triplets, online_semi_hard_triplet_loss, semi_hard_negative_mask, triplet_margin_loss
