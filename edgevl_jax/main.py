@@ -1,0 +1,133 @@
+r"""Entry point: `python -m edgevl_jax.main --config=FILE.py[:ARG] --workdir=DIR`.
+
+  --config.KEY=VALUE   overrides (the config is locked: unknown keys fail).
+  --workdir            run folder; re-running with it resumes.
+  --jax_distributed    'off' (default), 'auto' (jax.distributed.initialize()
+                       with no args: TPU pods, SLURM, ... fill them in), or
+                       'manual' (uses the three flags below; implied when
+                       --coordinator_address is given).
+  --coordinator_address, --num_processes, --process_id
+  --on_config_change   'error' (default) or 'warn': what to do when DIR has a
+                       config.json from an earlier run that differs.
+
+`config.trainer` names the trainer (see `edgevl_jax.train.registry`); its
+`validate_config` runs before any compute. The trainer's returned report is
+written atomically to DIR/report.json.
+"""
+from __future__ import annotations
+
+import json
+import logging as py_logging
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Config file (get_config(arg)); FILE.py[:ARG].',
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run folder (created).')
+_JAX_DISTRIBUTED = flags.DEFINE_enum(
+    'jax_distributed', 'off', ['off', 'auto', 'manual'],
+    'Multi-process initialisation of jax.distributed.')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
+                                   'host:port of process 0 (manual mode).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None,
+                                      'Number of processes (manual mode).')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None,
+                                   'This process index (manual mode).')
+_ON_CONFIG_CHANGE = flags.DEFINE_enum(
+    'on_config_change', 'error', ['error', 'warn'],
+    'When the workdir holds a different config.json: stop or warn.')
+
+CONFIG_FILE = 'config.json'
+# Keys that may change between a run and its resumption.
+RESUME_SAFE_KEYS = ('log_every', 'ckpt_every', 'eval_every', 'progress',
+                    'max_to_keep')
+
+
+def init_distributed(mode: str, coordinator: str | None,
+                     num_processes: int | None, process_id: int | None) -> None:
+  """Initialises jax.distributed (before any other JAX call)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if coordinator and mode == 'off':
+    mode = 'manual'
+  if mode == 'off':
+    return
+  # Cross-process collectives on the CPU backend need gloo; the setting does
+  # not affect GPU/TPU backends, so it is always safe here.
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  if mode == 'auto':
+    jax.distributed.initialize()
+    return
+  missing = [n for n, v in (('--coordinator_address', coordinator),
+                            ('--num_processes', num_processes),
+                            ('--process_id', process_id)) if v is None]
+  if missing:
+    raise app.UsageError(f'--jax_distributed=manual needs {missing}; or use '
+                         '--jax_distributed=auto on TPU pods / SLURM.')
+  jax.distributed.initialize(coordinator_address=coordinator,
+                             num_processes=num_processes,
+                             process_id=process_id)
+
+
+def check_saved_config(workdir: str, config_dict: dict, on_change: str) -> None:
+  """Compares with DIR/config.json of an earlier run; stops or warns."""
+  from edgevl_jax.train import config_utils  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    saved = json.load(f)
+  changed = [k for k in config_utils.diff_keys(saved, config_dict)
+             if k.rsplit('.', 1)[-1] not in RESUME_SAFE_KEYS]
+  if not changed:
+    return
+  message = (f'{path} was written by an earlier run whose config differs in '
+             f'{changed}. Resuming would mix two experiments.')
+  if on_change == 'error':
+    raise app.UsageError(message + ' Use a fresh --workdir, or pass '
+                         '--on_config_change=warn to resume anyway.')
+  logging.warning('%s Resuming anyway (--on_config_change=warn).', message)
+
+
+def run(config, workdir: str, on_config_change: str = 'error') -> dict:
+  """Validates, records the config, runs the trainer, writes report.json."""
+  from edgevl_jax.train import config_utils  # pylint: disable=g-import-not-at-top
+  from edgevl_jax.train import metrics  # pylint: disable=g-import-not-at-top
+  from edgevl_jax.train import registry  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  try:
+    trainer = registry.validate(config)
+  except ValueError as e:
+    raise app.UsageError(f'Invalid config: {e}') from e
+  config_dict = config_utils.to_dict(config)
+  check_saved_config(workdir, config_dict, on_config_change)
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    metrics.atomic_write_text(os.path.join(workdir, CONFIG_FILE),
+                              json.dumps(config_dict, indent=2,
+                                         sort_keys=True) + '\n')
+  logging.info('trainer %s, workdir %s, %d processes, %d devices',
+               config.trainer, workdir, jax.process_count(),
+               jax.device_count())
+  report = trainer.train_and_evaluate(config, workdir)
+  metrics.write_report(workdir, report)
+  return report
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if _CONFIG.value is None or not _WORKDIR.value:
+    raise app.UsageError('--config and --workdir are required.')
+  py_logging.getLogger('absl').setLevel(py_logging.INFO)
+  init_distributed(_JAX_DISTRIBUTED.value, _COORDINATOR.value,
+                   _NUM_PROCESSES.value, _PROCESS_ID.value)
+  run(_CONFIG.value, os.path.abspath(_WORKDIR.value), _ON_CONFIG_CHANGE.value)
+
+
+if __name__ == '__main__':
+  app.run(main)

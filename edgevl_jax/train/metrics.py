@@ -1,0 +1,236 @@
+"""Run outputs: metrics.jsonl, TensorBoard events, progress bar, report, plots.
+
+Only process 0 writes files. `metrics.jsonl` gets one JSON object per line,
+always with `step`; after a resume, steps between the last checkpoint and
+the crash appear twice (readers keep the last line per step, as `read_jsonl`
+does with `dedupe=True`).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+
+METRICS_FILE = 'metrics.jsonl'
+REPORT_FILE = 'report.json'
+
+
+def _is_main() -> bool:
+  return jax.process_index() == 0
+
+
+def _to_json(value: Any) -> Any:
+  """Host scalars/arrays -> JSON values (NaN/Inf kept as strings)."""
+  if isinstance(value, Mapping):
+    return {str(k): _to_json(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_to_json(v) for v in value]
+  if hasattr(value, 'shape') or isinstance(value, (np.generic,)):
+    arr = np.asarray(value)
+    if arr.ndim == 0:
+      value = arr.item()
+    else:
+      return _to_json(arr.tolist())
+  if isinstance(value, float) and not math.isfinite(value):
+    return str(value)
+  return value
+
+
+class MetricWriter:
+  """Writes scalars to DIR/metrics.jsonl, DIR/tb and a tqdm progress bar.
+
+  Args:
+    workdir: the run's folder (created).
+    total_steps: length of the progress bar (None: no bar).
+    initial_step: where the bar starts (the restored step on resume).
+    tensorboard: also write TensorBoard event files under DIR/tb.
+    progress: show the tqdm bar (rate and ETA) on process 0.
+  """
+
+  def __init__(self, workdir: str | os.PathLike, *,
+               total_steps: int | None = None, initial_step: int = 0,
+               tensorboard: bool = True, progress: bool = True):
+    self.workdir = os.fspath(workdir)
+    self._main = _is_main()
+    self._tb = None
+    self._bar = None
+    if not self._main:
+      return
+    os.makedirs(self.workdir, exist_ok=True)
+    self._file = open(os.path.join(self.workdir, METRICS_FILE), 'a')
+    if tensorboard:
+      import tensorboardX  # pylint: disable=g-import-not-at-top
+      self._tb = tensorboardX.SummaryWriter(os.path.join(self.workdir, 'tb'))
+    if progress and total_steps:
+      import tqdm  # pylint: disable=g-import-not-at-top
+      self._bar = tqdm.tqdm(total=total_steps, initial=initial_step,
+                            dynamic_ncols=True, desc='train', leave=True)
+
+  def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+    """Appends {'step': step, **metrics} (host values) and logs to TB."""
+    if not self._main:
+      return
+    record = {'step': int(step), **_to_json(dict(metrics))}
+    self._file.write(json.dumps(record) + '\n')
+    self._file.flush()
+    if self._tb is not None:
+      for key, value in record.items():
+        if key != 'step' and isinstance(value, (int, float)) and not isinstance(
+            value, bool):
+          self._tb.add_scalar(key, value, int(step))
+      self._tb.flush()
+
+  def progress(self, step: int, postfix: Mapping[str, Any] | None = None
+               ) -> None:
+    """Moves the progress bar to `step` (optionally showing a few values)."""
+    if self._bar is None:
+      return
+    self._bar.update(max(0, int(step) - self._bar.n))
+    if postfix:
+      self._bar.set_postfix({k: f'{float(v):.4g}' for k, v in postfix.items()},
+                            refresh=False)
+
+  def close(self) -> None:
+    if not self._main:
+      return
+    if self._bar is not None:
+      self._bar.close()
+    if self._tb is not None:
+      self._tb.close()
+    self._file.close()
+
+  def __enter__(self) -> 'MetricWriter':
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+  """Writes `text` to a temporary file in the same folder, then renames it."""
+  path = os.fspath(path)
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp-',
+                             suffix=os.path.basename(path))
+  try:
+    with os.fdopen(fd, 'w') as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def write_report(workdir: str | os.PathLike, report: Mapping[str, Any]
+                 ) -> str:
+  """Atomically writes DIR/report.json (process 0); returns its path."""
+  path = os.path.join(os.fspath(workdir), REPORT_FILE)
+  if _is_main():
+    atomic_write_text(path, json.dumps(_to_json(dict(report)), indent=2,
+                                       sort_keys=True) + '\n')
+  return path
+
+
+def read_report(workdir: str | os.PathLike) -> dict[str, Any] | None:
+  """DIR/report.json as a dict, or None if the run has not finished."""
+  path = os.path.join(os.fspath(workdir), REPORT_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def read_jsonl(path: str | os.PathLike, dedupe: bool = True
+               ) -> list[dict[str, Any]]:
+  """Records of a metrics.jsonl; with `dedupe`, the last record per step and
+  set of keys wins (a resumed run rewrites the steps after its checkpoint)."""
+  with open(path) as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  if not dedupe:
+    return records
+  last = {}
+  for r in records:
+    last[(r.get('step'), tuple(sorted(r)))] = r
+  return sorted(last.values(), key=lambda r: r.get('step', 0))
+
+
+def plot_curves(metrics_jsonl: str | os.PathLike, out_png: str | os.PathLike,
+                keys: Sequence[str] | None = None, title: str | None = None
+                ) -> str:
+  """Plots numeric metrics against step (one panel per key) to a PNG.
+
+  Args:
+    metrics_jsonl: a metrics.jsonl file.
+    out_png: output path.
+    keys: metrics to plot (default: every key containing 'loss').
+    title: figure title.
+  """
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  records = read_jsonl(metrics_jsonl)
+  if keys is None:
+    keys = sorted({k for r in records for k in r if 'loss' in k})
+  if not keys:
+    raise ValueError(f'No metric to plot in {metrics_jsonl}; pass keys=.')
+  fig, axes = plt.subplots(len(keys), 1, figsize=(6, 2.5 * len(keys)),
+                           squeeze=False)
+  for ax, key in zip(axes[:, 0], keys):
+    pts = [(r['step'], r[key]) for r in records
+           if isinstance(r.get(key), (int, float))]
+    if pts:
+      ax.plot(*zip(*pts), lw=1.2)
+    ax.set_ylabel(key)
+    ax.grid(alpha=0.3)
+  axes[-1, 0].set_xlabel('step')
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(out_png, dpi=100)
+  plt.close(fig)
+  return os.fspath(out_png)
+
+
+def plot_accuracy_table(results: Mapping[str, Mapping[str, float]],
+                        out_png: str | os.PathLike, *,
+                        title: str = 'Zero-shot top-1 accuracy',
+                        ylabel: str = 'accuracy') -> str:
+  """Grouped bar chart of a nested {model/precision: {modality: acc}} dict.
+
+  E.g. results = {'teacher': {'rgb': .9, 'depth': .3},
+                  'student_int8_static': {'rgb': .8, 'depth': .7}}:
+  one group per modality, one bar per model, values printed on the bars.
+  """
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  models = list(results)
+  modalities = sorted({m for v in results.values() for m in v})
+  if not models or not modalities:
+    raise ValueError(f'plot_accuracy_table needs a non-empty nested dict, '
+                     f'found {results!r}.')
+  width = 0.8 / len(models)
+  fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(modalities) * len(models)
+                                  * 0.6, 3.5))
+  for i, model in enumerate(models):
+    xs = [j + i * width - 0.4 + width / 2 for j in range(len(modalities))]
+    ys = [float(results[model].get(m, float('nan'))) for m in modalities]
+    bars = ax.bar(xs, ys, width, label=model)
+    ax.bar_label(bars, fmt='%.2f', fontsize=7)
+  ax.set_xticks(range(len(modalities)), modalities)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  ax.legend(fontsize=7, loc='best')
+  fig.tight_layout()
+  fig.savefig(out_png, dpi=100)
+  plt.close(fig)
+  return os.fspath(out_png)
