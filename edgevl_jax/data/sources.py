@@ -1,0 +1,155 @@
+"""Random-access paired-modality sources: one record format for all datasets.
+
+Every source returned by `load_split` yields records
+
+  {'rgb': uint8 (H, W, 3), 'other': (H, W) raw non-RGB values,
+   'label': int, 'index': int (position in the split), ['caption': str]}
+
+and carries `.modality` ('depth' | 'swir'), `.info` (DatasetInfo) and
+`.split`. How 'other' becomes a [0, 1] image is the pipeline's business
+(transforms.modality_to_unit). Sources are grain RandomAccessDataSources
+(`__len__`, `__getitem__`), so grain samplers, sharding and checkpoints work.
+"""
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from edgevl_jax.data import info as info_lib
+
+Record = dict[str, Any]
+
+
+class PairedSource:
+  """Wraps a raw random-access source and converts its records.
+
+  Attributes:
+    info: the dataset's DatasetInfo.
+    split: split name.
+    modality: non-RGB modality name.
+  """
+
+  def __init__(self, raw: Any, convert: Callable[[Record, int], Record], *,
+               info: info_lib.DatasetInfo, split: str,
+               positions: Sequence[int] | None = None):
+    self._raw = raw
+    self._convert = convert
+    self._positions = None if positions is None else np.asarray(positions)
+    self.info = info
+    self.split = split
+    self.modality = info.other_modality
+    if len(self) == 0:
+      raise ValueError(
+          f"Split {split!r} of dataset {info.name!r} is empty; expected at "
+          "least one example (check the split name and the prepared data).")
+
+  def __len__(self) -> int:
+    if self._positions is not None:
+      return len(self._positions)
+    return len(self._raw)
+
+  def __getitem__(self, index: int) -> Record:
+    index = int(index)
+    raw_index = index if self._positions is None else int(
+        self._positions[index])
+    record = self._convert(self._raw[raw_index], index)
+    check_record(record, where=f"{self.info.name}[{self.split}][{index}]")
+    return record
+
+  def __repr__(self) -> str:
+    return (f"PairedSource({self.info.name!r}, split={self.split!r}, "
+            f"len={len(self)}, modality={self.modality!r})")
+
+
+def check_record(record: Record, *, where: str) -> None:
+  """Validates one standard record; raises ValueError naming the problem."""
+  for key in ("rgb", "other", "label"):
+    if key not in record or record[key] is None:
+      raise ValueError(f"{where}: missing modality/field {key!r}; a paired "
+                       "record needs 'rgb', 'other' and 'label'.")
+  rgb, other = np.asarray(record["rgb"]), np.asarray(record["other"])
+  if rgb.ndim != 3 or rgb.shape[-1] != 3:
+    raise ValueError(f"{where}: 'rgb' must be (H, W, 3); got shape "
+                     f"{rgb.shape}.")
+  if other.ndim == 3 and other.shape[-1] == 1:
+    other = other[..., 0]
+  if other.ndim != 2:
+    raise ValueError(f"{where}: 'other' must be one channel (H, W) or "
+                     f"(H, W, 1); got shape {other.shape}.")
+  if other.shape != rgb.shape[:2]:
+    raise ValueError(
+        f"{where}: image sizes differ: rgb {rgb.shape[:2]} vs other "
+        f"{other.shape}; paired images must be co-registered (same H, W).")
+
+
+def _decode_text(x: Any) -> str:
+  return x.decode("utf-8") if isinstance(x, bytes) else str(x)
+
+
+def _synthetic_convert(raw: Record, index: int) -> Record:
+  return {"rgb": raw["rgb"], "other": raw["depth"],
+          "label": int(raw["label"]), "index": index,
+          "caption": _decode_text(raw["caption"])}
+
+
+def synthetic_builder(data_dir: str, config: Any = None):
+  """The synthetic RGB-D TFDS builder for `config` (name or config object)."""
+  from edgevl_jax.data.synthetic_rgbd import synthetic_rgbd_dataset_builder as sb  # pylint: disable=g-import-not-at-top
+  config = config or sb.Builder.DEFAULT_CONFIG_NAME
+  names = [c.name for c in sb.Builder.BUILDER_CONFIGS]
+  if isinstance(config, str) and config not in names:
+    raise ValueError(f"Unknown synthetic_rgbd config {config!r}; expected "
+                     f"one of {names} or a make_config(...) object.")
+  return sb.Builder(config=config, data_dir=data_dir,
+                    file_format="array_record")
+
+
+def _tfds_split(builder, split: str, name: str):
+  """builder.as_data_source()[split] with a clear error for a bad split."""
+  splits = builder.as_data_source()
+  if split not in splits:
+    raise ValueError(f"Dataset {name!r} has no split {split!r}; expected one "
+                     f"of {sorted(splits)}.")
+  return splits[split]
+
+
+def load_split(name: str, split: str, *, data_dir: str,
+               config: Any = None) -> PairedSource:
+  """Random-access source of one split, preparing the dataset if needed.
+
+  Args:
+    name: dataset name, one of `info.DATASET_NAMES`.
+    split: 'train', 'validation' or 'test'.
+    data_dir: TFDS data directory (prepared data lives under it).
+    config: builder config. synthetic_rgbd: a config name ('demo', 'demo48',
+      'small', 'large', 'tiny') or `synthetic_rgbd.make_config(...)`.
+      scannet / sun_rgbd / nyuv2: the folder of the user's local copy
+      (required the first time, to prepare). eurosat: unused.
+
+  Returns:
+    A PairedSource of standard records (module docstring).
+  """
+  info = info_lib.get_info(name)
+  if name == "synthetic_rgbd":
+    builder = synthetic_builder(data_dir, config)
+    builder.download_and_prepare()
+    return PairedSource(_tfds_split(builder, split, name), _synthetic_convert,
+                        info=info, split=split)
+  if name == "eurosat":
+    from edgevl_jax.data import eurosat  # pylint: disable=g-import-not-at-top
+    return eurosat.load_split(split, data_dir=data_dir)
+  from edgevl_jax.data import local_rgbd  # pylint: disable=g-import-not-at-top
+  return local_rgbd.load_split(name, split, data_dir=data_dir,
+                               source_dir=config)
+
+
+def tfds_data_source(name: str, split: str, data_dir: str):
+  """`tfds.data_source` with the error turned into one that names the fix."""
+  try:
+    return tfds.data_source(name, split=split, data_dir=data_dir)
+  except Exception as e:  # TFDS raises several types for a missing dataset.
+    raise ValueError(
+        f"Could not open TFDS dataset {name!r} split {split!r} under "
+        f"data_dir={data_dir!r} ({type(e).__name__}: {e}). Prepare it first "
+        "(e.g. `tfds build` with the 'prepare' extra installed) or point "
+        "data_dir at a folder that holds it.") from e
