@@ -1,0 +1,161 @@
+"""CLIP tokenizer: load a local HF tokenizer, tokenize, or train a new one.
+
+No tokenizer can be downloaded here, so demos and tests train their own
+byte-level BPE in CLIP's format (lowercased, `</w>` end-of-word suffix,
+`<|startoftext|>` / `<|endoftext|>`, CLIP's pre-tokenisation regex) and save
+it as a folder that both `load_tokenizer` and HF `CLIPTokenizer` read.
+transformers and tokenizers are imported lazily (they are slow to import).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+BOS = "<|startoftext|>"
+EOS = "<|endoftext|>"
+# CLIP's pre-tokeniser (as HF's CLIPTokenizer spells it for `tokenizers`).
+_CLIP_SPLIT = (r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d"""
+               r"""|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""")
+
+
+def load_tokenizer(path: str | os.PathLike[str]) -> Any:
+  """A `transformers` tokenizer from a local folder (never downloads).
+
+  Args:
+    path: folder with vocab.json + merges.txt (+ tokenizer config), e.g. an
+      HF CLIP checkpoint folder or one written by `train_tokenizer`.
+  """
+  path = os.fspath(path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(
+        f"load_tokenizer: tokenizer folder {path!r} does not exist; pass a "
+        "local folder with vocab.json and merges.txt (see train_tokenizer).")
+  import transformers  # pylint: disable=g-import-not-at-top
+
+  try:
+    return transformers.AutoTokenizer.from_pretrained(path,
+                                                      local_files_only=True)
+  except (OSError, ValueError, KeyError) as e:
+    raise ValueError(
+        f"load_tokenizer: could not load a tokenizer from {path!r} "
+        f"(files: {sorted(os.listdir(path))}): {e}") from e
+
+
+def tokenize(tokenizer: Any, texts: Sequence[str] | str, *,
+             max_length: int) -> tuple[np.ndarray, np.ndarray]:
+  """Token ids and attention mask, padded / truncated to `max_length`.
+
+  Truncation keeps the start and end-of-text tokens, so pooling at the
+  end-of-text token stays valid.
+
+  Returns:
+    input_ids (N, max_length) int32 and attention_mask (N, max_length) int32.
+  """
+  texts = [texts] if isinstance(texts, str) else list(texts)
+  if max_length < 2:
+    raise ValueError(f"tokenize: max_length={max_length} leaves no room for "
+                     "the start and end-of-text tokens; use >= 2.")
+  out = tokenizer(texts, padding="max_length", truncation=True,
+                  max_length=max_length, return_tensors="np")
+  return (np.asarray(out["input_ids"], np.int32),
+          np.asarray(out["attention_mask"], np.int32))
+
+
+def train_tokenizer(texts: Iterable[str], path: str | os.PathLike[str], *,
+                    vocab_size: int = 1000, min_frequency: int = 1,
+                    model_max_length: int = 77) -> str:
+  """Trains a CLIP-format byte-level BPE on `texts` and saves it to `path`.
+
+  The specials get ids 0 (`<|startoftext|>`) and 1 (`<|endoftext|>`, also
+  the pad and unknown token); a text config for this tokenizer needs
+  `bos_token_id=0, eos_token_id=1, pad_token_id=1` and `vocab_size >=` the
+  trained size (`len(load_tokenizer(path))`).
+
+  Args:
+    texts: training corpus (class names, prompts, captions).
+    path: output folder (created).
+    vocab_size: target vocabulary size, specials and byte alphabet included.
+    min_frequency: merges seen fewer times are not learnt.
+    model_max_length: stored in the tokenizer config (CLIP: 77).
+
+  Returns:
+    `path` as a string.
+  """
+  from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers  # pylint: disable=g-import-not-at-top
+
+  texts = list(texts)
+  if not texts:
+    raise ValueError("train_tokenizer: texts is empty; pass the corpus "
+                     "(class names, prompts) to learn merges from.")
+  alphabet = pre_tokenizers.ByteLevel.alphabet()
+  if vocab_size < len(alphabet) + 2:
+    raise ValueError(
+        f"train_tokenizer: vocab_size={vocab_size} is smaller than the byte "
+        f"alphabet plus specials ({len(alphabet) + 2}); raise it.")
+  tok = Tokenizer(models.BPE(unk_token=EOS, end_of_word_suffix="</w>",
+                             continuing_subword_prefix="", fuse_unk=False))
+  tok.normalizer = normalizers.Sequence([
+      normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
+      normalizers.Lowercase()])
+  tok.pre_tokenizer = pre_tokenizers.Sequence([
+      pre_tokenizers.Split(Regex(_CLIP_SPLIT), behavior="removed",
+                           invert=True),
+      pre_tokenizers.ByteLevel(add_prefix_space=False)])
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(
+      vocab_size=vocab_size, min_frequency=min_frequency,
+      special_tokens=[BOS, EOS], initial_alphabet=alphabet,
+      end_of_word_suffix="</w>", show_progress=False)
+  tok.train_from_iterator(texts, trainer=trainer)
+  _add_word_final_bytes(tok, alphabet)
+  tok.post_processor = processors.RobertaProcessing(
+      (EOS, tok.token_to_id(EOS)), (BOS, tok.token_to_id(BOS)),
+      trim_offsets=False, add_prefix_space=False)
+
+  path = os.fspath(path)
+  os.makedirs(path, exist_ok=True)
+  tok.model.save(path)  # vocab.json, merges.txt: what CLIPTokenizer reads
+  tok.save(os.path.join(path, "tokenizer.json"))
+  config = {
+      "tokenizer_class": "CLIPTokenizer", "bos_token": BOS, "eos_token": EOS,
+      "unk_token": EOS, "pad_token": EOS, "do_lower_case": True,
+      "model_max_length": model_max_length,
+      "model_input_names": ["input_ids", "attention_mask"],
+  }
+  with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+    json.dump(config, f, indent=2)
+  with open(os.path.join(path, "special_tokens_map.json"), "w") as f:
+    json.dump({"bos_token": BOS, "eos_token": EOS, "unk_token": EOS,
+               "pad_token": EOS}, f, indent=2)
+  return path
+
+
+def _add_word_final_bytes(tok: Any, alphabet: Sequence[str]) -> None:
+  """Gives every byte a word-final `x</w>` token, as CLIP's vocab has.
+
+  The trainer only creates `x</w>` for bytes that ended a training word, so
+  an unseen word ending would otherwise become the unknown token.
+  """
+  vocab = tok.get_vocab()
+  missing = [c + "</w>" for c in sorted(alphabet) if c + "</w>" not in vocab]
+  if missing:
+    model = tok.model
+    vocab = dict(vocab)
+    for token in missing:
+      vocab[token] = len(vocab)
+    merges = _read_merges(model)
+    from tokenizers import models  # pylint: disable=g-import-not-at-top
+
+    tok.model = models.BPE(vocab=vocab, merges=merges, unk_token=EOS,
+                           end_of_word_suffix="</w>",
+                           continuing_subword_prefix="", fuse_unk=False)
+
+
+def _read_merges(model: Any) -> list[tuple[str, str]]:
+  """The learnt merges of a `tokenizers` BPE model, in rank order."""
+  state = json.loads(model.__getstate__())
+  return [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
+          for m in state["merges"]]
