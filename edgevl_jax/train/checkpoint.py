@@ -208,7 +208,9 @@ class Checkpointer:
       return
     saved = _shapes(meta)
     wanted = _shapes(abstract)
-    for key in sorted(set(saved) | set(wanted)):
+    # Target order (step, params, opt_state...): the first key named is the
+    # most telling one.
+    for key in list(wanted) + [k for k in saved if k not in wanted]:
       if key not in saved:
         raise ValueError(f'Checkpoint {path} has no entry {key!r} that this '
                          'run expects (model/optimiser config changed?). Use a '

@@ -60,7 +60,8 @@ def check_finite(step: int, metrics: Mapping[str, Any],
                  keys: Sequence[str] | None = None
                  ) -> tuple[str, float] | None:
   """Returns (name, value) of the first non-finite guarded metric, or None."""
-  for name in sorted(metrics):
+  # Losses first: a NaN loss is the cause, a NaN gradient norm its echo.
+  for name in sorted(metrics, key=lambda n: ('loss' not in n, n)):
     if (keys is None and _default_guard(name)) or (keys and name in keys):
       value = np.asarray(metrics[name], dtype=np.float64)
       if not np.all(np.isfinite(value)):

@@ -14,7 +14,9 @@ Passing outputs forward: any string value in a stage config of the form
   '@<stage_name>/workdir'         -> that earlier stage's folder, or
   '@<stage_name>/<dotted.key>'    -> that value of its report.json
 is replaced before the stage runs (e.g. init_from='@dual_modality_kd/workdir').
-References must name an earlier stage.
+References must name an earlier stage. All stages are validated before the
+first one runs; a `validate_config` error about a key that still holds a
+reference is deferred until that reference is resolved.
 
 The pipeline's report.json is the deep merge of the stage reports in order
 (later stages win on equal keys), plus
@@ -76,7 +78,10 @@ def validate_config(config: Any) -> None:
     try:
       registry.validate(stage)
     except ValueError as e:
-      raise ValueError(f'config.stages[{i}] ({name}): {e}') from e
+      # A value still holding an '@' reference is checked once resolved.
+      if not any(key.rsplit('.', 1)[-1] in str(e)
+                 for key, _ in _references(stage)):
+        raise ValueError(f'config.stages[{i}] ({name}): {e}') from e
     seen.append(name)
 
 
