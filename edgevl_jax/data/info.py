@@ -6,6 +6,7 @@ vocabulary used for teacher pseudo-labels (EdgeVL curation, before stage 1),
 and the name of the non-RGB modality. `get_info(name)` is the only accessor.
 """
 import dataclasses
+import re
 from typing import Sequence
 
 from edgevl_jax.data.synthetic_rgbd.geometry import CLASS_NAMES as _SYNTH_NAMES
@@ -42,10 +43,14 @@ class DatasetInfo:
 
   def prompts(self, names: Sequence[str] | None = None,
               template_index: int = 0) -> list[str]:
-    """Returns one prompt per name (default: the class names)."""
+    """Returns one prompt per name (default: the class names).
+
+    "a {}" becomes "an {}" before a vowel ("a photo of an arch.").
+    """
     names = self.class_names if names is None else names
     template = self.prompt_templates[template_index]
-    return [template.format(n) for n in names]
+    return [re.sub(r"\ba ([aeiou])", r"an \1", template.format(n))
+            for n in names]
 
 
 # ScanNet's 21 scene types, as EdgeVL names them (its label files use the
