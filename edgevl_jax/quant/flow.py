@@ -119,7 +119,7 @@ def convert(
   """
   _, mutated = apply_fn(variables, example_input,
                         mutable=[spec_lib.AQT_COLLECTION], **apply_kwargs)
-  frozen = flax.core.unfreeze(mutated[spec_lib.AQT_COLLECTION])
+  frozen = flax.core.unfreeze(mutated.get(spec_lib.AQT_COLLECTION, {}))
   layer_paths = _frozen_layer_paths(frozen)
   if not layer_paths:
     raise ValueError(

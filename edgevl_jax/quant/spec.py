@@ -52,6 +52,7 @@ from aqt.jax.v2 import config as aqt_config
 from aqt.jax.v2 import utils as aqt_utils
 from aqt.jax.v2.flax import aqt_flax
 from aqt.jax.v2.numerics import no_numerics
+import jax
 
 from edgevl_jax.models import layers
 from edgevl_jax.quant import calibration
@@ -62,6 +63,13 @@ PHASES = ("train", "calibrate", "convert", "serve")
 CALIBRATIONS = ("dynamic", "static")
 AQT_COLLECTION = quant_conv.AQT_COLLECTION
 QUANT_STATS = calibration.QUANT_STATS
+
+# aqtp 0.9.0's lifted custom_vjp (flax/aqt_flax_dg_core.py) calls
+# `jax.core.get_aval`, removed in jax 0.10; its replacement is `jax.typeof`.
+# It is only reached when a quantised layer owns variables (static ranges)
+# and is differentiated, but then every gradient would fail without this.
+if not hasattr(jax.core, "get_aval"):
+  jax.core.get_aval = jax.typeof
 
 _WEIGHT_QUANT_MODE = {
     "train": aqt_utils.QuantMode.TRAIN,
