@@ -352,6 +352,14 @@ def param_shardings(model: CLIP, mesh: jax.sharding.Mesh,
                                      tuple(rules))
 
 
+@functools.lru_cache(maxsize=16)
+def text_encoder(model: CLIP) -> Callable[..., jax.Array]:
+  """Jitted `(params, input_ids, attention_mask) -> (B, D)` text embeddings,
+  cached per model so repeated classifiers compile once per batch shape."""
+  return jax.jit(lambda p, i, m: model.apply({"params": p}, i, m,
+                                             method="encode_text"))
+
+
 def zero_shot_classifier(model: CLIP, params: Any, tokenizer: Any,
                          class_names: Sequence[str],
                          templates: Sequence[str] | str, *,
@@ -392,10 +400,10 @@ def zero_shot_classifier(model: CLIP, params: Any, tokenizer: Any,
   pad = (-n) % batch
   ids = np.concatenate([ids, np.repeat(ids[-1:], pad, 0)])
   mask = np.concatenate([mask, np.repeat(mask[-1:], pad, 0)])
-  encode = jax.jit(lambda p, i, m: _l2_normalize(
-      model.apply({"params": p}, i, m, method="encode_text")))
-  emb = jnp.concatenate([encode(params, ids[s:s + batch], mask[s:s + batch])
-                         for s in range(0, n + pad, batch)])[:n]
+  encode = text_encoder(model)
+  emb = jnp.concatenate([
+      _l2_normalize(encode(params, ids[s:s + batch], mask[s:s + batch]))
+      for s in range(0, n + pad, batch)])[:n]
   emb = emb.reshape(len(class_names), len(templates), -1).mean(axis=1)
   return _l2_normalize(emb)
 
