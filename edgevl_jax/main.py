@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging as py_logging
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -118,16 +119,38 @@ def run(config, workdir: str, on_config_change: str = 'error') -> dict:
   return report
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing; an unknown --config.KEY exits with a one-line error.
+
+  ml_collections raises AttributeError/KeyError (not flags.Error) for a key
+  that the locked config does not have.
+  """
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    bad = [a.split('=', 1)[0] for a in argv[1:] if a.startswith('--config.')]
+    detail = e
+    while isinstance(detail, BaseException) and detail.args:
+      detail = detail.args[0]
+    detail = str(detail).replace('\n', ' ')
+    sys.exit(f'FATAL Flags parsing error: unknown config key ({detail}) in '
+             f'{bad}. The config is locked: only keys defined by its '
+             'get_config() can be overridden.')
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if _CONFIG.value is None or not _WORKDIR.value:
     raise app.UsageError('--config and --workdir are required.')
   py_logging.getLogger('absl').setLevel(py_logging.INFO)
+  # orbax logs every step of every save at INFO; keep its warnings only.
+  logging.get_absl_handler().addFilter(
+      lambda r: r.levelno >= py_logging.WARNING or '/orbax/' not in r.pathname)
   init_distributed(_JAX_DISTRIBUTED.value, _COORDINATOR.value,
                    _NUM_PROCESSES.value, _PROCESS_ID.value)
   run(_CONFIG.value, os.path.abspath(_WORKDIR.value), _ON_CONFIG_CHANGE.value)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

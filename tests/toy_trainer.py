@@ -98,6 +98,9 @@ class NumpyStream:
     if self.index + 1 == self.nan_at_step:
       x[0, 0] = np.nan
     self.index += 1
+    # Each process feeds its slice of the global batch (see shard_batch).
+    n, i = jax.process_count(), jax.process_index()
+    x = x[i * len(x) // n:(i + 1) * len(x) // n]
     return {'x': x, 'y': (x @ self.target).astype(np.float32)}
 
 
