@@ -123,19 +123,23 @@ def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing; an unknown --config.KEY exits with a one-line error.
 
   ml_collections raises AttributeError/KeyError (not flags.Error) for a key
-  that the locked config does not have.
+  that the locked config does not have, and ValueError/TypeError for a bad
+  override path or a get_config(arg) error.
   """
   try:
     return flags.FLAGS(argv)
-  except (AttributeError, KeyError) as e:
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
     bad = [a.split('=', 1)[0] for a in argv[1:] if a.startswith('--config.')]
     detail = e
     while isinstance(detail, BaseException) and detail.args:
       detail = detail.args[0]
     detail = str(detail).replace('\n', ' ')
-    sys.exit(f'FATAL Flags parsing error: unknown config key ({detail}) in '
-             f'{bad}. The config is locked: only keys defined by its '
-             'get_config() can be overridden.')
+    if isinstance(e, (AttributeError, KeyError)):
+      sys.exit(f'FATAL Flags parsing error: unknown config key ({detail}) in '
+               f'{bad}. The config is locked: only keys defined by its '
+               'get_config() can be overridden.')
+    sys.exit(f'FATAL Flags parsing error: {detail} (overrides: {bad}; list '
+             'items are written --config.stages[1].key=VALUE).')
 
 
 def main(argv: list[str]) -> None:

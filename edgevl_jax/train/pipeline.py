@@ -4,6 +4,7 @@ Config:
   config.trainer = 'pipeline'
   config.stages = [stage, ...]   # list of ConfigDicts
   each stage: name (unique, [A-Za-z0-9_-]), trainer, + its own keys.
+  CLI override of a stage key: --config.stages[1].num_steps=100
 
 Stage i runs in DIR/<i>_<name>/ exactly as `main` would run it there (its
 metrics.jsonl, checkpoints, report.json). A stage whose folder already has

@@ -35,6 +35,8 @@ NO_DECAY_TOKENS = ('norm', 'position', 'pos_emb', 'pos_embed', 'rpe',
 NO_DECAY_NAMES = ('bias', 'scale')
 OPTIMIZERS = ('adamw', 'sgd', 'adam')
 SCHEDULES = ('cosine', 'step', 'constant')
+# Collections that model.init fills but that are outputs, not state.
+EPHEMERAL_COLLECTIONS = ('intermediates', layers.BN_STATS)
 
 
 class TrainState(struct.PyTreeNode):
@@ -91,7 +93,8 @@ def _str_to_int(name: str) -> int:
 def create_train_state(init_fn: Callable[[jax.Array], Mapping[str, Any]],
                        tx: optax.GradientTransformation, rng: jax.Array, *,
                        mesh: jax.sharding.Mesh,
-                       rules: Sequence[tuple[str, Any]] = layers.LOGICAL_AXIS_RULES
+                       rules: Sequence[tuple[str, Any]] = layers.LOGICAL_AXIS_RULES,
+                       drop_collections: Sequence[str] = EPHEMERAL_COLLECTIONS,
                        ) -> tuple[TrainState, TrainState]:
   """Initialises a sharded TrainState (never materialised unsharded).
 
@@ -103,13 +106,20 @@ def create_train_state(init_fn: Callable[[jax.Array], Mapping[str, Any]],
     rng: a PRNG key; split into the init key and the state's base key.
     mesh: the device mesh; params follow `rules`, the rest is replicated.
     rules: logical -> mesh axis rules.
+    drop_collections: collections `model.init` fills that are per-call
+      outputs, not state (sown intermediates, BatchNorm input moments).
 
   Returns:
     (state, shardings): shardings is a TrainState of NamedShardings, ready
     for `mesh.jit_sharded` in/out shardings and checkpoint restore.
   """
   init_key, base_key = jax.random.split(rng)
-  abstract = jax.eval_shape(init_fn, init_key)
+
+  def init_variables(key):
+    variables = dict(flax.core.unfreeze(init_fn(key)))
+    return {k: v for k, v in variables.items() if k not in drop_collections}
+
+  abstract = jax.eval_shape(init_variables, init_key)
   var_sh = mesh_lib.param_shardings(abstract, mesh, rules)
   if 'params' not in var_sh:
     raise ValueError(f'init_fn must return a dict with a "params" collection; '
@@ -126,7 +136,7 @@ def create_train_state(init_fn: Callable[[jax.Array], Mapping[str, Any]],
                          model_state=var_sh, rng=rep, tx=tx)
 
   def build(init_key, base_key):
-    variables = dict(flax.core.unfreeze(nn.unbox(init_fn(init_key))))
+    variables = nn.unbox(init_variables(init_key))
     params = variables.pop('params')
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=tx.init(params), model_state=variables,
