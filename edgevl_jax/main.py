@@ -153,7 +153,13 @@ def main(argv: list[str]) -> None:
       lambda r: r.levelno >= py_logging.WARNING or '/orbax/' not in r.pathname)
   init_distributed(_JAX_DISTRIBUTED.value, _COORDINATOR.value,
                    _NUM_PROCESSES.value, _PROCESS_ID.value)
-  run(_CONFIG.value, os.path.abspath(_WORKDIR.value), _ON_CONFIG_CHANGE.value)
+  from edgevl_jax.train import loop  # pylint: disable=g-import-not-at-top
+  try:
+    run(_CONFIG.value, os.path.abspath(_WORKDIR.value),
+        _ON_CONFIG_CHANGE.value)
+  except loop.Preempted as e:
+    logging.warning('%s', e)
+    sys.exit(str(e))
 
 
 if __name__ == '__main__':

@@ -4,6 +4,7 @@ import functools
 import json
 import os
 import pathlib
+import signal
 import sys
 
 import flax.linen as nn
@@ -329,3 +330,30 @@ def test_shard_params_and_batch_stats_state_through_fit(tmp_path):
   assert summary['eval/mean_var'] != 1.0  # running stats moved off the init
   assert summary['loss'] < float(jnp.mean(jnp.square(
       model.apply(variables, x, train=False) - 1.0)))
+
+
+def test_sigterm_checkpoints_the_current_step_and_stops(tmp_path):
+  config = _toy_config(num_steps=40)
+  mesh = mesh_lib.make_mesh(config.mesh)
+  _, state, _, step = toy_trainer.setup(config, mesh)
+  stream = toy_trainer.NumpyStream(0, 16)
+
+  def batches():
+    for batch in stream:
+      if stream.index == 13:  # the scheduler's notice arrives during step 13
+        os.kill(os.getpid(), signal.SIGTERM)
+      yield batch
+
+  previous = signal.getsignal(signal.SIGTERM)
+  with checkpoint_lib.Checkpointer(tmp_path) as ckpt:
+    with pytest.raises(loop.Preempted, match='at step 13'):
+      loop.fit(state, step, batches(), num_steps=40, checkpointer=ckpt,
+               data_iterator=stream, ckpt_every=10,
+               prepare_batch=functools.partial(mesh_lib.shard_batch,
+                                               mesh=mesh))
+    assert ckpt.all_steps() == [10, 13]
+    _, fresh, _, _ = toy_trainer.setup(config, mesh)
+    resumed = toy_trainer.NumpyStream(0, 16)
+    restored, _ = ckpt.restore_latest(fresh, resumed)
+  assert int(restored.step) == 13 and resumed.index == 13
+  assert signal.getsignal(signal.SIGTERM) is previous

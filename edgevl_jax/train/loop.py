@@ -21,11 +21,15 @@ are all from earlier, finite steps (nothing is written for the bad window).
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import time
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
+
+from jax.experimental import multihost_utils
 
 from edgevl_jax.train import checkpoint as checkpoint_lib
 from edgevl_jax.train import metrics as metrics_lib
@@ -50,6 +54,51 @@ class NonFiniteError(FloatingPointError):
         f'Non-finite {metric}={value} at step {step}; training stopped and '
         f'nothing was saved for this step ({where}). Fix: lower the learning '
         'rate, enable gradient clipping, or check the input data.')
+
+
+class Preempted(RuntimeError):
+  """SIGTERM arrived; a checkpoint of `step` was saved and training stopped."""
+
+  def __init__(self, step: int, directory: str | None):
+    self.step = step
+    where = (f'checkpoint {directory}/{step} saved' if directory
+             else 'no checkpointer, nothing saved')
+    super().__init__(f'Preempted (SIGTERM) at step {step}; {where}. Re-run '
+                     'the same command to resume.')
+
+
+class _PreemptionWatch:
+  """Tells when to stop for a SIGTERM (preemption) at a step all agree on.
+
+  Multi-process runs use JAX's preemption sync point (the coordination
+  service picks one step for every process); a single process installs its
+  own SIGTERM handler for the duration of `fit`.
+  """
+
+  def __init__(self, enabled: bool):
+    self._flag = False
+    self._previous = None
+    self._multi = enabled and jax.process_count() > 1
+    if (enabled and not self._multi
+        and threading.current_thread() is threading.main_thread()):
+      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+  def _on_sigterm(self, signum, frame) -> None:
+    del signum, frame
+    self._flag = True
+
+  def reached(self, step: int) -> bool:
+    if self._multi:
+      try:
+        return multihost_utils.reached_preemption_sync_point(step)
+      except RuntimeError:  # preemption service not running: no sync point
+        self._multi = False
+    return self._flag
+
+  def close(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
 
 
 def _default_guard(name: str) -> bool:
@@ -84,6 +133,7 @@ def fit(state: Any,
         prepare_batch: Callable[[Any], Any] | None = None,
         guard_keys: Sequence[str] | None = None,
         resume: bool = True,
+        handle_preemption: bool = True,
         ) -> tuple[Any, dict[str, Any]]:
   """Runs `train_step` until `state.step == num_steps`.
 
@@ -108,6 +158,8 @@ def fit(state: Any,
     guard_keys: metric names checked for NaN/Inf (default: names containing
       'loss' or 'grad_norm').
     resume: restore the latest checkpoint first (if any).
+    handle_preemption: on SIGTERM, finish the current step, checkpoint it and
+      raise `Preempted` (a re-run resumes from there).
 
   Returns:
     (final state, summary): summary holds the last logged train metrics and
@@ -115,6 +167,7 @@ def fit(state: Any,
 
   Raises:
     NonFiniteError: on a NaN/Inf guarded metric (see module doc).
+    Preempted: after saving, when SIGTERM arrived (`handle_preemption`).
   """
   if data_iterator is None and hasattr(batches, 'get_state'):
     data_iterator = batches
@@ -167,25 +220,37 @@ def fit(state: Any,
     if writer is not None:
       writer.write(step, results)
 
-  while step < num_steps:
-    batch = next(batches)
-    if prepare_batch is not None:
-      batch = prepare_batch(batch)
-    state, step_metrics = train_step(state, batch)
-    step += 1
-    window_steps += 1
-    pending.append((step, step_metrics))
-    save_now = checkpointer is not None and (
-        step == num_steps or (ckpt_every and step % ckpt_every == 0))
-    if step % log_every == 0 or save_now or step == num_steps:
-      flush()
-    elif writer is not None:
-      writer.progress(step)
-    if save_now:
-      checkpointer.save(state, step=step, data_iterator=data_iterator)
-      last_save = step
-    if eval_fn is not None and eval_every and step % eval_every == 0:
-      evaluate()
+  preemption = _PreemptionWatch(handle_preemption)
+  try:
+    while step < num_steps:
+      batch = next(batches)
+      if prepare_batch is not None:
+        batch = prepare_batch(batch)
+      state, step_metrics = train_step(state, batch)
+      step += 1
+      window_steps += 1
+      pending.append((step, step_metrics))
+      save_now = checkpointer is not None and (
+          step == num_steps or (ckpt_every and step % ckpt_every == 0))
+      if step % log_every == 0 or save_now or step == num_steps:
+        flush()
+      elif writer is not None:
+        writer.progress(step)
+      if save_now:
+        checkpointer.save(state, step=step, data_iterator=data_iterator)
+        last_save = step
+      if eval_fn is not None and eval_every and step % eval_every == 0:
+        evaluate()
+      if preemption.reached(step):
+        flush()
+        if checkpointer is not None:
+          if last_save != step:
+            checkpointer.save(state, step=step, data_iterator=data_iterator)
+          checkpointer.wait()
+        raise Preempted(step, None if checkpointer is None
+                        else str(checkpointer.directory))
+  finally:
+    preemption.close()
   flush()
   if eval_fn is not None and last_eval != step:
     evaluate()
