@@ -99,23 +99,25 @@ def test_branches_for_cnn_and_vit_stages():
   rng = jax.random.PRNGKey(0)
   cnn_shapes = ((2, 16, 16, 8), (2, 8, 8, 16), (2, 4, 4, 32), (2, 2, 2, 64))
   vit_shapes = ((2, 17, 24),) * 3 + ((2, 17, 32),)
-  for shapes in (cnn_shapes, vit_shapes):
-    module = ofa_branches.OFABranches(shapes, stages=(1, 2, 4),
+  for shapes, stages in ((cnn_shapes, (1, 2, 4)), (vit_shapes, (3, 4))):
+    module = ofa_branches.OFABranches(shapes, stages=stages,
                                       num_classes=10, teacher_width=48)
     feats = [jax.random.normal(rng, s) for s in shapes]
     variables = jax.jit(module.init)(rng, feats)
     out = jax.jit(module.apply)(variables, feats)
-    assert [o.shape for o in out] == [(2, 10)] * 3
+    assert [o.shape for o in out] == [(2, 10)] * len(stages)
     assert all(np.isfinite(np.asarray(o)).all() for o in out)
   # Conv branch of stage 1 downsamples 16 -> 2 with three SepConvs and ends
   # with max(64, 48) channels.
   b = ofa_branches.make_branch(cnn_shapes[0], final_shape=cnn_shapes[-1],
                                num_classes=10, teacher_width=48)
   assert (b.num_downsamples, b.features) == (3, 64)
-  # Token branch: 8x8 grid merged to 2x2 twice, max(4 - 1, 1) blocks.
+  # Token branch: 8x8 grid merged to 2x2 twice, max(4 - stage, 1) blocks.
+  t1 = ofa_branches.make_branch((2, 65, 24), final_shape=(2, 5, 32),
+                                num_classes=10, stage=1)
+  assert (t1.num_merges, t1.num_blocks, t1.width) == (2, 3, 32)
   t = ofa_branches.make_branch((2, 65, 24), final_shape=(2, 5, 32),
-                               num_classes=10, stage=1)
-  assert (t.num_merges, t.num_blocks, t.width) == (2, 3, 32)
+                               num_classes=10, stage=3)
   x = jax.random.normal(rng, (2, 65, 24))
   assert jax.jit(t.apply)(jax.jit(t.init)(rng, x), x).shape == (2, 10)
   with pytest.raises(ValueError, match="got shape"):
