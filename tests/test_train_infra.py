@@ -112,6 +112,9 @@ def test_make_mesh_sizes_and_errors():
     mesh_lib.make_mesh({'data': 3, 'fsdp': 2})
   with pytest.raises(ValueError, match="unknown axes \\['model'\\]"):
     mesh_lib.make_mesh({'model': 2})
+  with pytest.raises(ValueError, match='batch size 12 is not divisible by '
+                     'the 8 devices'):
+    mesh_lib.shard_batch({'x': np.zeros((12, 3))}, mesh)
 
 
 def _toy_config(**kw):
@@ -258,6 +261,10 @@ def test_pipeline_runs_stages_resolves_references_and_skips_on_rerun(
   assert (tmp_path / '0_first' / 'metrics.jsonl').read_text() == lines
   assert rerun['seconds'] == report['seconds']
   assert rerun['stages'] == report['stages']
+  stages = metrics_lib.read_jsonl(tmp_path / 'metrics.jsonl', dedupe=False)
+  assert [(r['step'], r['stage'], r['skipped']) for r in stages] == [
+      (0, 'first', False), (1, 'second', False), (0, 'first', True),
+      (1, 'second', True)]
 
 
 def test_pipeline_validation_names_the_bad_stage():

@@ -151,9 +151,19 @@ def shard_batch(batch: Any, mesh: jax.sharding.Mesh) -> Any:
   on one host this is simply the whole batch.
   """
   sharding = batch_sharding(mesh)
-  return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
-      batch)
+  ways = math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+  def put(x):
+    x = np.asarray(x)
+    global_size = x.shape[0] * jax.process_count()
+    if global_size % ways:
+      raise ValueError(
+          f'Global batch size {global_size} is not divisible by the {ways} '
+          f'devices of the mesh batch axes {dict(mesh.shape)}; use a batch '
+          'size that is a multiple of it.')
+    return jax.make_array_from_process_local_data(sharding, x)
+
+  return jax.tree.map(put, batch)
 
 
 def jit_sharded(fn: Callable[..., Any], *, in_shardings: Any,

@@ -19,6 +19,9 @@ References must name an earlier stage. All stages are validated before the
 first one runs; a `validate_config` error about a key that still holds a
 reference is deferred until that reference is resolved.
 
+DIR/metrics.jsonl gets one line per stage (step = stage index) with its
+name, seconds and whether it was skipped.
+
 The pipeline's report.json is the deep merge of the stage reports in order
 (later stages win on equal keys), plus
   stages:   {name: that stage's report},
@@ -151,7 +154,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     sdir = stage_dir(workdir, i, name)
     report = metrics_lib.read_report(sdir)
     timing_path = os.path.join(sdir, TIMING_FILE)
-    if report is not None:
+    skipped = report is not None
+    if skipped:
       logging.info('pipeline: stage %s finished earlier, skipped (%s)',
                    name, sdir)
       secs = 0.0
@@ -175,6 +179,10 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
         metrics_lib.atomic_write_text(timing_path,
                                       json.dumps({'seconds': secs}))
       metrics_lib.write_report(sdir, report)
+    with metrics_lib.MetricWriter(workdir, tensorboard=False,
+                                  progress=False) as writer:
+      writer.write(i, {'stage': name, 'seconds': secs,
+                       'skipped': skipped})
     outputs[name] = (sdir, report)
     merged = deep_merge(merged, report)
     stages_report[name], workdirs[name], seconds[name] = report, sdir, secs
