@@ -5,7 +5,8 @@ See spec.py (QuantSpec, presets, numerics and rng notes) and flow.py
 """
 from edgevl_jax.quant.calibration import QUANT_STATS, RunningAbsMaxCalibration
 from edgevl_jax.quant.conv import AQT_COLLECTION, QuantConvGeneralDilated
-from edgevl_jax.quant.flow import (calibrate, convert, serve_apply,
-                                   served_nbytes, with_kernel_placeholders)
+from edgevl_jax.quant.flow import (calibrate, convert, drop_frozen_kernels,
+                                   serve_apply, served_nbytes,
+                                   with_kernel_placeholders)
 from edgevl_jax.quant.spec import (QuantSpec, int4_weights, int8,
                                    int8_weight_only)

@@ -120,19 +120,25 @@ def convert(
   _, mutated = apply_fn(variables, example_input,
                         mutable=[spec_lib.AQT_COLLECTION], **apply_kwargs)
   frozen = flax.core.unfreeze(mutated.get(spec_lib.AQT_COLLECTION, {}))
-  layer_paths = _frozen_layer_paths(frozen)
-  if not layer_paths:
+  if not _frozen_layer_paths(frozen):
     raise ValueError(
         "convert: no quantised weights were frozen; build the model with "
         "quant=spec.replace(phase='convert').")
+  return drop_frozen_kernels({**variables, spec_lib.AQT_COLLECTION: frozen})
+
+
+def drop_frozen_kernels(variables: Variables) -> Variables:
+  """Removes `params` kernels of layers that have frozen int weights in `aqt`.
+
+  Also works on `jax.eval_shape` output (e.g. a serve-phase model's `init`),
+  which is how the served size is computed without weights.
+  """
+  frozen = variables.get(spec_lib.AQT_COLLECTION, {})
   params = flax.traverse_util.flatten_dict(
       flax.core.unfreeze(variables["params"]))
-  for path in layer_paths:
+  for path in _frozen_layer_paths(frozen):
     params.pop(path + ("kernel",), None)
-  served = {k: v for k, v in variables.items() if k != "params"}
-  served["params"] = flax.traverse_util.unflatten_dict(params)
-  served[spec_lib.AQT_COLLECTION] = frozen
-  return served
+  return {**variables, "params": flax.traverse_util.unflatten_dict(params)}
 
 
 def with_kernel_placeholders(served: Variables) -> Variables:
