@@ -142,7 +142,8 @@ class Checkpointer:
       step: checkpoint number; default `int(state.step)` (a host sync).
       data_iterator: object with get_state(); its position is saved.
       extras: small JSON-able dict.
-      force: save even if a checkpoint of this step exists logic would skip.
+      force: bypass orbax's save-interval policy (the caller decides when
+        to save). A step that already has a checkpoint is never rewritten.
 
     Returns:
       Whether a checkpoint was written.
@@ -258,6 +259,9 @@ def load_params(directory: str | os.PathLike, step: int | None = None,
   root = epath.Path(directory)
   if (root / 'checkpoints').exists():
     root = root / 'checkpoints'
+  if not root.exists():
+    raise ValueError(f'No checkpoint folder {root}; run the stage that writes '
+                     'it first, or point to the right workdir.')
   with Checkpointer(root, async_save=False) as ckpt:
     step = ckpt.latest_step() if step is None else step
     if step is None:

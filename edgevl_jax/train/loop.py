@@ -27,9 +27,8 @@ import time
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
-import numpy as np
-
 from jax.experimental import multihost_utils
+import numpy as np
 
 from edgevl_jax.train import checkpoint as checkpoint_lib
 from edgevl_jax.train import metrics as metrics_lib
@@ -105,7 +104,7 @@ def _default_guard(name: str) -> bool:
   return 'loss' in name or 'grad_norm' in name
 
 
-def check_finite(step: int, metrics: Mapping[str, Any],
+def check_finite(metrics: Mapping[str, Any],
                  keys: Sequence[str] | None = None
                  ) -> tuple[str, float] | None:
   """Returns (name, value) of the first non-finite guarded metric, or None."""
@@ -115,7 +114,6 @@ def check_finite(step: int, metrics: Mapping[str, Any],
       value = np.asarray(metrics[name], dtype=np.float64)
       if not np.all(np.isfinite(value)):
         return name, float(value.flat[np.argmax(~np.isfinite(value.ravel()))])
-  del step
   return None
 
 
@@ -192,7 +190,7 @@ def fit(state: Any,
       return
     host = jax.device_get([m for _, m in pending])
     for (s, _), values in zip(pending, host):
-      bad = check_finite(s, values, guard_keys)
+      bad = check_finite(values, guard_keys)
       if bad is not None:
         if checkpointer is not None:
           checkpointer.wait()
