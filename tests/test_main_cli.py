@@ -25,7 +25,12 @@ def _main(workdir, *flags):
 
 
 def test_unknown_config_key_fails_naming_it(tmp_path):
-  run = _main(tmp_path / 'wd', '--config.optim.lrr=0.1')
+  # Through the one-host launcher, which forwards extra flags to main.
+  run = subprocess.run(
+      ['bash', 'launch/local.sh', 'tests/toy_trainer.py', str(tmp_path / 'wd'),
+       '--config.optim.lrr=0.1'], cwd=ROOT, capture_output=True, text=True,
+      env={**os.environ, 'PYTHONPATH': str(ROOT), 'PYTHON': sys.executable},
+      timeout=300)
   assert run.returncode != 0
   assert 'lrr' in run.stderr and 'locked' in run.stderr
   assert not (tmp_path / 'wd').exists()
