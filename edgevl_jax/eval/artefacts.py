@@ -1,0 +1,122 @@
+"""What EdgeVL stages hand to each other: teacher, text features, students.
+
+A teacher is a Hugging Face CLIP folder (config.json + model.safetensors)
+holding its tokenizer files too; `clip_pretrain` writes one into
+WORKDIR/teacher so later stages read it exactly like a downloaded checkpoint.
+A student is WORKDIR/student.json (architecture, embed_dim, input
+normalisation) plus WORKDIR/student_params.msgpack (the selected params),
+written by `dual_modality_kd` and `qat_contrastive`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from edgevl_jax.models import clip
+from edgevl_jax.models import preprocess
+from edgevl_jax.models import students
+from edgevl_jax.train import metrics as metrics_lib
+
+STUDENT_FILE = "student.json"
+STUDENT_PARAMS = "student_params.msgpack"
+TEACHER_DIR = "teacher"
+
+
+def teacher_dir(path: str) -> str:
+  """An HF CLIP folder: `path` itself or `path`/teacher (a stage workdir)."""
+  path = os.fspath(path)
+  for candidate in (path, os.path.join(path, TEACHER_DIR)):
+    if os.path.exists(os.path.join(candidate, "config.json")):
+      return candidate
+  raise ValueError(
+      f"teacher={path!r} is not a Hugging Face CLIP folder (no config.json "
+      "in it or in its 'teacher/' subfolder); pass the folder of an HF CLIP "
+      "checkpoint or the workdir of a clip_pretrain run.")
+
+
+def load_teacher(path: str, *, mesh: jax.sharding.Mesh | None = None
+                 ) -> tuple[clip.CLIP, Any, Any]:
+  """(model, params, tokenizer) of a CLIP folder; params fsdp-sharded on mesh.
+
+  The tokenizer is read from the same folder.
+  """
+  folder = teacher_dir(path)
+  model, params = clip.load_pretrained(folder)
+  if mesh is not None:
+    shardings = clip.param_shardings(model, mesh)
+    params = jax.tree.map(jax.device_put, params, nn_unbox(shardings))
+  return model, params, clip.load_tokenizer(folder)
+
+
+def nn_unbox(tree: Any) -> Any:
+  """Unboxes flax partitioning metadata (shardings come back boxed)."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  return nn.unbox(tree)
+
+
+def text_features(model: clip.CLIP, params: Any, tokenizer: Any,
+                  names: Sequence[str], templates: Sequence[str]
+                  ) -> np.ndarray:
+  """(C, D) L2-normalised, prompt-ensembled text features as numpy."""
+  return np.asarray(clip.zero_shot_classifier(
+      model, params, tokenizer, list(names), list(templates)), np.float32)
+
+
+def normalizer(kind: str):
+  """images in [0, 1] -> model input, for kind 'clip' or 'imagenet'."""
+  if kind not in ("clip", "imagenet"):
+    raise ValueError(f"normalization must be 'clip' or 'imagenet', found "
+                     f"{kind!r}.")
+  return lambda x: preprocess.normalize(x, kind)
+
+
+def build_student(meta: Mapping[str, Any], quant: Any = None
+                  ) -> students.Student:
+  """The student described by a student.json dict (optionally quantised)."""
+  return students.build(meta["name"], embed_dim=int(meta["embed_dim"]),
+                        quant=quant, **dict(meta.get("overrides") or {}))
+
+
+def save_student(workdir: str, *, meta: Mapping[str, Any], params: Any,
+                 extra: Mapping[str, Any] | None = None) -> None:
+  """Writes student.json and student_params.msgpack atomically."""
+  host = jax.tree.map(np.asarray, jax.device_get(params))
+  blob = flax.serialization.msgpack_serialize(host)
+  path = os.path.join(workdir, STUDENT_PARAMS)
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    f.write(blob)
+  os.replace(tmp, path)
+  metrics_lib.atomic_write_text(
+      os.path.join(workdir, STUDENT_FILE),
+      json.dumps({**dict(meta), **dict(extra or {})}, indent=2))
+
+
+def load_student(path: str, quant: Any = None
+                 ) -> tuple[students.Student, Any, dict[str, Any]]:
+  """(model, params, meta) of a student saved by `save_student`."""
+  path = os.fspath(path)
+  meta_file = os.path.join(path, STUDENT_FILE)
+  params_file = os.path.join(path, STUDENT_PARAMS)
+  if not (os.path.exists(meta_file) and os.path.exists(params_file)):
+    raise ValueError(
+        f"{path!r} holds no trained student ({STUDENT_FILE} and "
+        f"{STUDENT_PARAMS}); point init_from/student at the workdir of a "
+        "finished dual_modality_kd or qat_contrastive run.")
+  with open(meta_file) as f:
+    meta = json.load(f)
+  with open(params_file, "rb") as f:
+    params = flax.serialization.msgpack_restore(f.read())
+  params = jax.tree.map(jnp.asarray, params)
+  return build_student(meta, quant), params, meta
+
+
+def tree_nbytes(tree: Any) -> int:
+  """Bytes of every array leaf of `tree` as stored."""
+  return int(sum(np.asarray(x).nbytes for x in jax.tree.leaves(tree)))
