@@ -26,7 +26,8 @@ Sdf = Callable[[np.ndarray], np.ndarray]
 
 
 def _length(v: np.ndarray) -> np.ndarray:
-  return np.sqrt(np.sum(v * v, axis=-1))
+  # Explicit components: numpy reductions over a size-3 last axis are slow.
+  return np.sqrt(sum(v[..., i] * v[..., i] for i in range(v.shape[-1])))
 
 
 def sphere(q, centre=(0.0, 0.6, 0.0), radius=0.6):
@@ -36,7 +37,8 @@ def sphere(q, centre=(0.0, 0.6, 0.0), radius=0.6):
 def box(q, centre, half):
   d = np.abs(q - np.asarray(centre, np.float32)) - np.asarray(half, np.float32)
   outside = _length(np.maximum(d, 0.0))
-  inside = np.minimum(np.max(d, axis=-1), 0.0)
+  inside = np.minimum(np.maximum(np.maximum(d[..., 0], d[..., 1]),
+                                  d[..., 2]), 0.0)
   return outside + inside
 
 

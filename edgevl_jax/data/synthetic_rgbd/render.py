@@ -141,41 +141,49 @@ def _light_dirs(s, axes):
   return _normalize(d)
 
 
-def _march(scene_sdf, s, origin, dirs, t_bg):
-  """Sphere-traces only the rays that enter the object's bounding sphere.
+def _march(sdf, s, origin, dirs, t_bg):
+  """Sphere-traces, in object-local space, the rays that enter its bounds.
 
-  Returns hit (B, P) bool and distance (B, P) float32 of the object surface.
-  Converged or escaped rays leave the working set, so the cost follows the
-  object's screen area rather than the image size.
+  Rays are turned into the object's frame once (the frame is a rotation,
+  translation and uniform scale, so local distance = world distance /
+  scale) and only rays entering the bounding sphere are traced; converged
+  or escaped rays leave the working set, so the cost follows the object's
+  screen area rather than the image size.
+
+  Returns hit (B, P) bool and world distance (B, P) float32 of the object.
   """
   b, hw = t_bg.shape
-  centre = np.zeros((b, 1, 3), np.float32)
-  centre[:, 0, 0], centre[:, 0, 2] = s["offset"][:, 0], s["offset"][:, 1]
-  centre[:, 0, 1] = 0.6 * s["scale"]
-  radius = (_BOUND_RADIUS * s["scale"])[:, None]
-  oc = origin - centre
-  bq = np.sum(dirs * oc, -1)
-  disc = bq * bq - (np.sum(oc * oc, -1) - radius**2)
-  t_in = np.maximum(-bq - np.sqrt(np.maximum(disc, 0.0)), 0.0)
-  t_out = np.minimum(-bq + np.sqrt(np.maximum(disc, 0.0)), t_bg)
+  o_loc, _ = _to_local(origin, s)                       # (B, 1, 3)
+  d_loc, _ = _to_local(dirs + origin, s)
+  d_loc = (d_loc - o_loc) * s["scale"][:, None, None]  # unit, rotated only
+  o_loc = np.broadcast_to(o_loc, d_loc.shape)
+  t_max = t_bg / s["scale"][:, None]
+  oc = o_loc - np.array([0.0, 0.6, 0.0], np.float32)
+  bq = np.sum(d_loc * oc, -1)
+  disc = bq * bq - (np.sum(oc * oc, -1) - _BOUND_RADIUS**2)
+  root = np.sqrt(np.maximum(disc, 0.0))
+  t_in = np.maximum(-bq - root, 0.0)
+  t_out = np.minimum(-bq + root, t_max)
   hit = np.zeros(b * hw, bool)
   t_hit = np.zeros(b * hw, np.float32)
   ray = np.nonzero(((disc > 0) & (t_in < t_out)).reshape(-1))[0]
   t = t_in.reshape(-1)[ray]
   t_end = t_out.reshape(-1)[ray]
-  flat_dirs, flat_origin = dirs.reshape(-1, 3), origin[:, 0]
+  o_r, d_r = o_loc.reshape(-1, 3)[ray], d_loc.reshape(-1, 3)[ray]
   for _ in range(_MARCH_STEPS):
     if ray.size == 0:
       break
-    scene = ray // hw
-    dist = scene_sdf(flat_origin[scene] + t[:, None] * flat_dirs[ray], scene)
+    dist = sdf(o_r + t[:, None] * d_r)
     t = t + dist
     converged = dist < 1e-3 * (1 + t)
     hit[ray[converged]] = True
     t_hit[ray[converged]] = t[converged]
     keep = ~converged & (t < t_end)
-    ray, t, t_end = ray[keep], t[keep], t_end[keep]
-  return hit.reshape(b, hw), t_hit.reshape(b, hw)
+    if not keep.all():
+      ray, t, t_end = ray[keep], t[keep], t_end[keep]
+      o_r, d_r = o_r[keep], d_r[keep]
+  scale = np.repeat(s["scale"], hw)
+  return hit.reshape(b, hw), (t_hit * scale).reshape(b, hw)
 
 
 def render(s: dict, image_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -201,7 +209,7 @@ def render(s: dict, image_size: int) -> tuple[np.ndarray, np.ndarray]:
     q, scale = _to_local(p, s, idx)
     return sdf(q) * scale
 
-  hit_obj, t_obj = _march(scene_sdf, s, origin, dirs, t_bg)
+  hit_obj, t_obj = _march(sdf, s, origin, dirs, t_bg)
   depth = np.where(hit_obj, t_obj, t_bg).astype(np.float32)
 
   flat = depth.reshape(-1)
@@ -227,8 +235,9 @@ def render(s: dict, image_size: int) -> tuple[np.ndarray, np.ndarray]:
   diffuse = np.maximum(np.sum(normal * light, -1), 0.0)
   shade = (0.35 + 0.75 * diffuse) * s["exposure"][scene_of]
   rgb = (albedo * shade[:, None]).reshape(b, image_size, image_size, 3)
-  noise = np.stack([np.random.default_rng(int(k)).normal(
-      0, 0.012, rgb.shape[1:]) for k in s["noise_seed"]])
+  # One generator for the batch, seeded by all its scenes (deterministic).
+  noise = np.random.default_rng(s["noise_seed"]).normal(
+      0, 0.012, rgb.shape).astype(np.float32)
   rgb = np.clip((rgb + noise) * 255.0 + 0.5, 0, 255).astype(np.uint8)
   return rgb, flat.reshape(b, image_size, image_size)
 
