@@ -1,0 +1,138 @@
+"""Edge student encoders: one builder for every backbone + projection head.
+
+    model = students.build('swin_t', embed_dim=512)
+    variables = model.init(rng, jnp.zeros((1, 224, 224, 3)))
+    emb = model.apply(variables, images)                    # (B, 512)
+    feats = model.apply(variables, images, method='features')
+    feats['stages']  # four stage outputs (CKA convention of each backbone)
+    feats['pooled']  # (B, C) backbone output before the head
+
+With `train=True`, BatchNorm (CNNs) uses batch statistics and needs
+`mutable=['batch_stats']`; drop-path (ViT, Swin) needs a 'dropout' rng.
+ImageNet initialisation: `load_hf(path, embed_dim=D)` reads a Hugging Face
+ViT / Swin / ResNet / MobileNetV2 folder (see `hf_students.py`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from edgevl_jax.models import layers
+from edgevl_jax.models.heads import ProjectionHead
+from edgevl_jax.models.mobilenet import MobileNetV2
+from edgevl_jax.models.resnet import ResNet
+from edgevl_jax.models.swin import Swin
+from edgevl_jax.models.vit import ViT
+
+# name -> (backbone class, its settings, whether the head has a LayerNorm).
+_CONFIGS: dict[str, tuple[type[nn.Module], dict[str, Any], bool]] = {
+    "vit_ti16": (ViT, dict(width=192, depth=12, num_heads=3), False),
+    "vit_s16": (ViT, dict(width=384, depth=12, num_heads=6), False),
+    "vit_b16": (ViT, dict(width=768, depth=12, num_heads=12), False),
+    # Official Swin-T drop-path 0.2; EdgeVL's public "Swin-T" config has the
+    # Swin-S depths and drop-path 0.3; official Swin-S drop-path is 0.3.
+    "swin_t": (Swin, dict(depths=(2, 2, 6, 2), drop_path_rate=0.2), True),
+    "swin_t_edgevl": (Swin, dict(depths=(2, 2, 18, 2), drop_path_rate=0.3),
+                      True),
+    "swin_s": (Swin, dict(depths=(2, 2, 18, 2), drop_path_rate=0.3), True),
+    "resnet18": (ResNet, dict(stage_sizes=(2, 2, 2, 2)), False),
+    "resnet34": (ResNet, dict(stage_sizes=(3, 4, 6, 3)), False),
+    "mobilenet_v2": (MobileNetV2, dict(width=1.0), False),
+}
+NAMES: tuple[str, ...] = tuple(_CONFIGS)
+
+# Fields that are not architecture overrides.
+_NOT_OVERRIDABLE = ("ops", "parent", "name")
+
+
+class Student(nn.Module):
+  """A backbone and a projection head to the teacher embedding size.
+
+  Attributes:
+    backbone: module returning {'stages': tuple, 'pooled': (B, C)}.
+    embed_dim: D, the teacher embedding size; None makes `pooled` the
+      embedding (no head).
+    head_layer_norm: LayerNorm(D) after the projection (Swin).
+  """
+
+  backbone: nn.Module
+  embed_dim: int | None
+  head_layer_norm: bool = False
+  ops: layers.Ops = layers.Ops()
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    self.head = (None if self.embed_dim is None else ProjectionHead(
+        self.embed_dim, self.head_layer_norm, ops=self.ops, dtype=self.dtype))
+
+  @property
+  def image_size(self) -> int:
+    """Nominal input side, e.g. for `jnp.zeros((1, s, s, 3))` at init."""
+    return self.backbone.image_size
+
+  def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+    """images: (B, H, W, 3) normalised -> (B, D) unnormalised embedding."""
+    pooled = self.backbone(images, train=train)["pooled"]
+    return pooled if self.head is None else self.head(pooled)
+
+  def features(self, images: jax.Array, train: bool = False
+               ) -> dict[str, Any]:
+    """images: (B, H, W, 3) -> {'stages': 4 stage outputs, 'pooled': (B, C)}."""
+    return self.backbone(images, train=train)
+
+
+def allowed_overrides(name: str) -> tuple[str, ...]:
+  """Architecture fields `build(name, **overrides)` accepts."""
+  if name not in _CONFIGS:
+    raise ValueError(f"unknown student {name!r}; choose one of {NAMES}.")
+  cls = _CONFIGS[name][0]
+  return tuple(f.name for f in dataclasses.fields(cls)
+               if f.name not in _NOT_OVERRIDABLE)
+
+
+def build(name: str, *, embed_dim: int | None, quant: Any = None,
+          **overrides: Any) -> Student:
+  """Builds student `name` projecting to `embed_dim`.
+
+  Args:
+    name: one of `NAMES`.
+    embed_dim: teacher embedding size D (None: no head, pooled output).
+    quant: None for float ops, or an object with `.ops() -> layers.Ops`
+      (e.g. the int8 `QuantSpec`), injected into every matmul and conv.
+    **overrides: backbone fields, e.g. `image_size=32, patch_size=4,
+      depth=2` to shrink a model for tests; `dtype` sets the compute dtype.
+
+  Returns:
+    An unbound `Student`.
+  """
+  allowed = allowed_overrides(name)
+  unknown = sorted(set(overrides) - set(allowed))
+  if unknown:
+    raise ValueError(
+        f"unknown override(s) {unknown} for student {name!r}; allowed: "
+        f"{sorted(allowed)}.")
+  if embed_dim is not None and embed_dim < 1:
+    raise ValueError(f"embed_dim must be a positive int or None, got "
+                     f"{embed_dim}.")
+  ops = layers.Ops() if quant is None else quant.ops()
+  cls, settings, head_layer_norm = _CONFIGS[name]
+  kwargs = {**settings, **overrides}
+  backbone = cls(ops=ops, **kwargs)
+  return Student(backbone, embed_dim, head_layer_norm, ops=ops,
+                 dtype=kwargs.get("dtype", jnp.float32))
+
+
+def load_hf(path: str, *, embed_dim: int | None = None,
+            rng: jax.Array | None = None, quant: Any = None,
+            **overrides: Any) -> tuple[Student, dict[str, Any]]:
+  """ImageNet student from a local Hugging Face folder: (model, variables).
+
+  See `hf_students.load` for the supported architectures and checks.
+  """
+  from edgevl_jax.models import hf_students  # pylint: disable=g-import-not-at-top
+  return hf_students.load(path, embed_dim=embed_dim, rng=rng, quant=quant,
+                          **overrides)
