@@ -252,3 +252,23 @@ def test_quant_spec_is_hashable_and_validates():
 def test_convert_without_convert_phase_names_the_fix(vit_params):
   with pytest.raises(ValueError, match="phase='convert'"):
     quant.convert(TinyViT(quant.int8()).apply, vit_params, _images(0))
+
+
+def test_qat_gradients_flow_to_every_kernel(vit_params):
+  x, target = _images(8), jnp.ones((4, 8))
+
+  def loss(params, spec):
+    out = TinyViT(spec).apply({"params": params}, x)
+    return jnp.abs(out - target).mean()
+
+  params = nn.meta.unbox(vit_params)["params"]
+  g_q = jax.jit(jax.grad(loss), static_argnums=1)(params, quant.int8())
+  g_f = jax.jit(jax.grad(loss), static_argnums=1)(params, None)
+  for path, g in flax.traverse_util.flatten_dict(g_q).items():
+    assert np.isfinite(np.asarray(g)).all(), path
+    if path[-1] == "kernel":
+      gf = np.asarray(flax.traverse_util.flatten_dict(g_f)[path]).ravel()
+      gq = np.asarray(g).ravel()
+      assert np.abs(gq).max() > 0.0, path
+      cos = gq @ gf / (np.linalg.norm(gq) * np.linalg.norm(gf))
+      assert cos > 0.9, (path, cos)

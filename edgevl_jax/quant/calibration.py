@@ -56,15 +56,16 @@ class RunningAbsMaxCalibration(aqt_calibration.Calibration, nn.Module):
     batch_amax = jnp.max(jnp.abs(x), axis=axes, keepdims=True)
     batch_amax = jax.lax.stop_gradient(batch_amax).astype(jnp.float32)
     initializing = self.is_initializing()
-    if not initializing and not self.has_variable(self.quant_collection, "amax"):
-      if not self.update:
-        raise ValueError(
-            "Static activation range missing: variables have no "
-            f"'{self.quant_collection}' entries for {'/'.join(map(str, self.path))}. "
-            "Run edgevl_jax.quant.calibrate(...) with a model built with "
-            "phase='calibrate' first and pass its result (or use "
-            "calibration='dynamic')."
-        )
+    missing = not self.has_variable(self.quant_collection, "amax")
+    if missing and not initializing and not self.update:
+      where = "/".join(map(str, self.path))
+      raise ValueError(
+          "Static activation range missing: variables have no "
+          f"'{self.quant_collection}' entries for {where}. "
+          "Run edgevl_jax.quant.calibrate(...) with a model built with "
+          "phase='calibrate' first and pass its result (or use "
+          "calibration='dynamic')."
+      )
     amax = self.variable(
         self.quant_collection, "amax", jnp.zeros, batch_amax.shape, jnp.float32
     )

@@ -1,12 +1,13 @@
-"""Quantised `conv_general_dilated` for `nn.Conv(conv_general_dilated_cls=...)`.
+"""Quantised `conv_general_dilated`, for `nn.Conv(conv_general_dilated_cls=)`.
 
-AQT 0.9's `AqtConvGeneralDilated` calibrates the input per example (shared
-axes fixed to all but the batch) and cannot take a per-tensor or static
-range, which the paper's ViT patch embedding needs, so the conv numerics are
-written here with exactly the formula of `numerics.py`:
+AQT 0.9's `AqtConvGeneralDilated` calibrates the input per example (its
+shared axes are fixed to all but the batch) and cannot take a per-tensor or
+static range, which the paper's ViT patch embedding needs, so the conv
+numerics are written here with exactly the formula of `numerics.py`:
 
   weights (HWIO kernel): per output channel, amax = max |w| over (H, W, I);
-  input: per tensor, dynamic (this batch) or static (`RunningAbsMaxCalibration`).
+  input: per tensor, dynamic (this batch) or static
+    (`RunningAbsMaxCalibration`).
 
 Phases:
   train / calibrate: conv of the float integer codes (q_x, q_w), rescaled by

@@ -4,9 +4,9 @@ One model class, four builds (only `QuantSpec.phase` differs), one `params`
 tree (the fp32 tree: quantised layers add no params):
 
   spec = quant.int8(calibration='static')
-  m_cal = students.build(name, embed_dim=D, quant=spec.replace(phase='calibrate'))
-  m_cvt = students.build(name, embed_dim=D, quant=spec.replace(phase='convert'))
-  m_srv = students.build(name, embed_dim=D, quant=spec.replace(phase='serve'))
+  build = lambda phase: students.build(name, embed_dim=D,
+                                      quant=spec.replace(phase=phase))
+  m_cal, m_cvt, m_srv = build('calibrate'), build('convert'), build('serve')
 
   variables = {'params': params}
   variables = quant.calibrate(m_cal.apply, variables, batches)  # + quant_stats
@@ -106,7 +106,8 @@ def convert(
   """Freezes int weights + per-channel scales; drops the float kernels.
 
   Args:
-    apply_fn: `model.apply` of a model built with `spec.replace(phase='convert')`.
+    apply_fn: `model.apply` of a model built with
+      `spec.replace(phase='convert')`.
     variables: {'params', and 'quant_stats' for static specs, ...}.
     example_input: any valid input (only its shapes matter).
     **apply_kwargs: passed to `apply_fn`.
@@ -142,11 +143,13 @@ def drop_frozen_kernels(variables: Variables) -> Variables:
 
 
 def with_kernel_placeholders(served: Variables) -> Variables:
-  """Re-inserts zero float kernels (shape only) where `convert` dropped them.
+  """Re-inserts float placeholder kernels where `convert` dropped them.
 
   `nn.Dense` / `nn.Conv` read their kernel param before calling the injected
-  op, and Flax checks its shape; the serve-phase op ignores it. Under
-  `jax.jit` the placeholders are unused constants that XLA removes.
+  op, and Flax checks its shape; the serve-phase op never uses its value
+  (AQT still traces a quantisation of it, whose result is discarded). Under
+  `jax.jit` the placeholders (the int codes cast to float) are dead code that
+  XLA removes.
   """
   params = flax.traverse_util.flatten_dict(
       flax.core.unfreeze(served["params"]))
@@ -154,7 +157,9 @@ def with_kernel_placeholders(served: Variables) -> Variables:
   for path in _frozen_layer_paths(served[spec_lib.AQT_COLLECTION]):
     value = next(v for p, v in flat.items()
                  if p[:len(path)] == path and p[-1].endswith("value"))
-    params.setdefault(path + ("kernel",), jnp.zeros(value.shape, jnp.float32))
+    # Derived from the int codes, not a constant: XLA would spend seconds
+    # constant-folding the (dead) float quantisation of a zeros kernel.
+    params.setdefault(path + ("kernel",), value.astype(jnp.float32))
   return {**served, "params": flax.traverse_util.unflatten_dict(params)}
 
 

@@ -1,4 +1,4 @@
-"""`QuantSpec`: the paper's int8 scheme (and int4 / weight-only) as `layers.Ops`.
+"""`QuantSpec`: the paper's int8 scheme (also int4, weight-only) as `Ops`.
 
 A `QuantSpec` is a frozen, hashable dataclass (it is a linen module field of
 the students) whose `.ops()` returns the `layers.Ops` every model threads to
