@@ -1,4 +1,6 @@
-r"""Entry point: `python -m edgevl_jax.main --config=FILE.py[:ARG] --workdir=DIR`.
+r"""Entry point of every run.
+
+  python -m edgevl_jax.main --config=FILE.py[:ARG] --workdir=DIR
 
   --config.KEY=VALUE   overrides (the config is locked: unknown keys fail).
   --workdir            run folder; re-running with it resumes.
@@ -24,7 +26,15 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
+# Importing jax does not start its backends, so jax.distributed.initialize()
+# in main() still comes first.
+import jax
 from ml_collections import config_flags
+
+from edgevl_jax.train import config_utils
+from edgevl_jax.train import loop
+from edgevl_jax.train import metrics
+from edgevl_jax.train import registry
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file (get_config(arg)); FILE.py[:ARG].',
@@ -52,7 +62,6 @@ RESUME_SAFE_KEYS = ('log_every', 'ckpt_every', 'eval_every', 'progress',
 def init_distributed(mode: str, coordinator: str | None,
                      num_processes: int | None, process_id: int | None) -> None:
   """Initialises jax.distributed (before any other JAX call)."""
-  import jax  # pylint: disable=g-import-not-at-top
   if coordinator and mode == 'off':
     mode = 'manual'
   if mode == 'off':
@@ -76,7 +85,6 @@ def init_distributed(mode: str, coordinator: str | None,
 
 def check_saved_config(workdir: str, config_dict: dict, on_change: str) -> None:
   """Compares with DIR/config.json of an earlier run; stops or warns."""
-  from edgevl_jax.train import config_utils  # pylint: disable=g-import-not-at-top
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
     return
@@ -96,10 +104,6 @@ def check_saved_config(workdir: str, config_dict: dict, on_change: str) -> None:
 
 def run(config, workdir: str, on_config_change: str = 'error') -> dict:
   """Validates, records the config, runs the trainer, writes report.json."""
-  from edgevl_jax.train import config_utils  # pylint: disable=g-import-not-at-top
-  from edgevl_jax.train import metrics  # pylint: disable=g-import-not-at-top
-  from edgevl_jax.train import registry  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
   try:
     trainer = registry.validate(config)
   except ValueError as e:
@@ -153,7 +157,6 @@ def main(argv: list[str]) -> None:
       lambda r: r.levelno >= py_logging.WARNING or '/orbax/' not in r.pathname)
   init_distributed(_JAX_DISTRIBUTED.value, _COORDINATOR.value,
                    _NUM_PROCESSES.value, _PROCESS_ID.value)
-  from edgevl_jax.train import loop  # pylint: disable=g-import-not-at-top
   try:
     run(_CONFIG.value, os.path.abspath(_WORKDIR.value),
         _ON_CONFIG_CHANGE.value)

@@ -90,8 +90,10 @@ def abstract_like(tree: Any) -> Any:
 
 
 def _key_str(path) -> str:
-  return '.'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))))
-                  for k in path)
+  """'params.Dense_0.kernel' from a jax key path."""
+  names = (getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))
+           for k in path)
+  return '.'.join(str(n) for n in names)
 
 
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
@@ -201,7 +203,7 @@ class Checkpointer:
   def _check_compatible(self, step: int, path: epath.Path,
                         abstract: Any) -> None:
     try:
-      meta = self._manager.item_metadata(step)[STATE]
+      meta = self.item_metadata(step)
     except Exception as e:
       raise ValueError(f'Checkpoint {path} is unreadable: {e}. Use a fresh '
                        '--workdir or delete the broken step folder.') from e
@@ -224,6 +226,10 @@ class Checkpointer:
         raise ValueError(f'Checkpoint {path}: {key!r} has shape {saved[key]} '
                          f'but this run expects {wanted[key]}. Use a fresh '
                          '--workdir or the config that wrote it.')
+
+  def item_metadata(self, step: int) -> Any:
+    """The saved TrainState's tree of array metadata (shapes, dtypes)."""
+    return self._manager.item_metadata(step)[STATE]
 
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are complete."""
@@ -267,7 +273,7 @@ def load_params(directory: str | os.PathLike, step: int | None = None,
     if step is None:
       raise ValueError(f'No checkpoint in {root}; run the stage that writes '
                        'it first, or point to the right workdir.')
-    meta = ckpt._manager.item_metadata(step)[STATE]  # pylint: disable=protected-access
+    meta = ckpt.item_metadata(step)
     if collection not in meta:
       raise ValueError(f'Checkpoint {root / str(step)} has no {collection!r}; '
                        f'found {sorted(meta)}.')

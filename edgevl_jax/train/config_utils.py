@@ -101,7 +101,8 @@ def require(config: Any, key: str, *, allowed: Iterable[Any] | None = None,
     allowed: if given, the value must be one of these.
     types: if given, the value must be an instance of these types (an int is
       accepted where float is asked for; bool is never an int here).
-    check: if given, a predicate the value must satisfy (e.g. `lambda v: v > 0`).
+    check: if given, a predicate the value must satisfy
+      (e.g. `lambda v: v > 0`).
     expected: words describing what `check` wants, used in the message.
 
   Returns:

@@ -83,7 +83,8 @@ def replicated(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
   """Leading (batch) dim split over ('data', 'fsdp'); the rest replicated."""
-  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(BATCH_AXES))
+  return jax.sharding.NamedSharding(mesh,
+                                    jax.sharding.PartitionSpec(BATCH_AXES))
 
 
 def param_shardings(abstract_variables: Any, mesh: jax.sharding.Mesh,
@@ -107,7 +108,8 @@ def param_shardings(abstract_variables: Any, mesh: jax.sharding.Mesh,
   shapes = nn.unbox(abstract_variables)
 
   def fit(sharding, shape):
-    spec = list(sharding.spec) + [None] * (len(shape.shape) - len(sharding.spec))
+    spec = list(sharding.spec)
+    spec += [None] * (len(shape.shape) - len(spec))
     for i, axis in enumerate(spec):
       if axis is None:
         continue

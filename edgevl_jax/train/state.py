@@ -90,12 +90,13 @@ def _str_to_int(name: str) -> int:
   return value
 
 
-def create_train_state(init_fn: Callable[[jax.Array], Mapping[str, Any]],
-                       tx: optax.GradientTransformation, rng: jax.Array, *,
-                       mesh: jax.sharding.Mesh,
-                       rules: Sequence[tuple[str, Any]] = layers.LOGICAL_AXIS_RULES,
-                       drop_collections: Sequence[str] = EPHEMERAL_COLLECTIONS,
-                       ) -> tuple[TrainState, TrainState]:
+def create_train_state(
+    init_fn: Callable[[jax.Array], Mapping[str, Any]],
+    tx: optax.GradientTransformation, rng: jax.Array, *,
+    mesh: jax.sharding.Mesh,
+    rules: Sequence[tuple[str, Any]] = layers.LOGICAL_AXIS_RULES,
+    drop_collections: Sequence[str] = EPHEMERAL_COLLECTIONS,
+) -> tuple[TrainState, TrainState]:
   """Initialises a sharded TrainState (never materialised unsharded).
 
   Args:
@@ -180,7 +181,8 @@ def validate_optim_config(optim_config: Any, prefix: str = 'optim') -> None:
       raise ValueError(f'config.{prefix}.{key} must be a number >= 0, found '
                        f'{value!r}.')
   milestones = list(_opt(optim_config, 'milestones', ()))
-  if schedule == 'step' and (not milestones or milestones != sorted(milestones)):
+  increasing = milestones == sorted(milestones)
+  if schedule == 'step' and (not milestones or not increasing):
     raise ValueError(f'config.{prefix}.milestones must be increasing step '
                      f'numbers for schedule="step", found {milestones!r}.')
 
