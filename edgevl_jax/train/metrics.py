@@ -20,22 +20,23 @@ METRICS_FILE = 'metrics.jsonl'
 REPORT_FILE = 'report.json'
 
 
-def _is_main() -> bool:
+def is_main_process() -> bool:
+  """Whether this process writes the run's files (process 0)."""
   return jax.process_index() == 0
 
 
-def _to_json(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
   """Host scalars/arrays -> JSON values (NaN/Inf kept as strings)."""
   if isinstance(value, Mapping):
-    return {str(k): _to_json(v) for k, v in value.items()}
+    return {str(k): jsonable(v) for k, v in value.items()}
   if isinstance(value, (list, tuple)):
-    return [_to_json(v) for v in value]
+    return [jsonable(v) for v in value]
   if hasattr(value, 'shape') or isinstance(value, (np.generic,)):
     arr = np.asarray(value)
     if arr.ndim == 0:
       value = arr.item()
     else:
-      return _to_json(arr.tolist())
+      return jsonable(arr.tolist())
   if isinstance(value, float) and not math.isfinite(value):
     return str(value)
   return value
@@ -56,7 +57,7 @@ class MetricWriter:
                total_steps: int | None = None, initial_step: int = 0,
                tensorboard: bool = True, progress: bool = True):
     self.workdir = os.fspath(workdir)
-    self._main = _is_main()
+    self._main = is_main_process()
     self._tb = None
     self._bar = None
     if not self._main:
@@ -75,7 +76,7 @@ class MetricWriter:
     """Appends {'step': step, **metrics} (host values) and logs to TB."""
     if not self._main:
       return
-    record = {'step': int(step), **_to_json(dict(metrics))}
+    record = {'step': int(step), **jsonable(dict(metrics))}
     self._file.write(json.dumps(record) + '\n')
     self._file.flush()
     if self._tb is not None:
@@ -134,8 +135,8 @@ def write_report(workdir: str | os.PathLike, report: Mapping[str, Any]
                  ) -> str:
   """Atomically writes DIR/report.json (process 0); returns its path."""
   path = os.path.join(os.fspath(workdir), REPORT_FILE)
-  if _is_main():
-    atomic_write_text(path, json.dumps(_to_json(dict(report)), indent=2,
+  if is_main_process():
+    atomic_write_text(path, json.dumps(jsonable(dict(report)), indent=2,
                                        sort_keys=True) + '\n')
   return path
 

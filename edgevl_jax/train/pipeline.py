@@ -26,7 +26,8 @@ The pipeline's report.json is the deep merge of the stage reports in order
 (later stages win on equal keys), plus
   stages:   {name: that stage's report},
   workdirs: {name: its folder},
-  seconds:  {name: wall seconds of the stage (as first run), 'total': sum}.
+  seconds:  {name: wall seconds of the run that finished the stage (kept
+             from stage_seconds.json when skipped), 'total': their sum}.
 """
 from __future__ import annotations
 
@@ -167,14 +168,19 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
                    stage.trainer, sdir)
       resolved = resolve(stage, outputs)
       module = registry.validate(resolved)
-      os.makedirs(sdir, exist_ok=True)
-      metrics_lib.atomic_write_text(
-          os.path.join(sdir, 'config.json'),
-          json.dumps(config_utils.to_dict(resolved), indent=2, sort_keys=True))
+      main_process = metrics_lib.is_main_process()
+      if main_process:
+        os.makedirs(sdir, exist_ok=True)
+        metrics_lib.atomic_write_text(
+            os.path.join(sdir, 'config.json'),
+            json.dumps(config_utils.to_dict(resolved), indent=2,
+                       sort_keys=True))
       start = time.perf_counter()
-      report = dict(module.train_and_evaluate(resolved, sdir))
+      # JSON types, as a skipped stage's report read back from disk has.
+      report = metrics_lib.jsonable(
+          dict(module.train_and_evaluate(resolved, sdir)))
       secs = time.perf_counter() - start
-      if metrics_lib._is_main():  # pylint: disable=protected-access
+      if main_process:
         # Timing first, report last: report.json marks the stage as done.
         metrics_lib.atomic_write_text(timing_path,
                                       json.dumps({'seconds': secs}))
