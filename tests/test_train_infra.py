@@ -364,3 +364,19 @@ def test_sigterm_checkpoints_the_current_step_and_stops(tmp_path):
     restored, _ = ckpt.restore_latest(fresh, resumed)
   assert int(restored.step) == 13 and resumed.index == 13
   assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_unreadable_checkpoint_folder_is_named(tmp_path):
+  with checkpoint_lib.Checkpointer(tmp_path) as ckpt:
+    ckpt.save({'w': jnp.ones(3)}, step=1)
+  # A hand-made or truncated step folder that orbax lists but cannot read.
+  (tmp_path / '5' / 'state').mkdir(parents=True)
+  (tmp_path / '5' / 'state' / 'junk').write_text('x')
+  with checkpoint_lib.Checkpointer(tmp_path) as ckpt:
+    with pytest.raises(ValueError, match=f'Cannot restore checkpoint '
+                       f'{tmp_path}/5:.*fresh --workdir'):
+      ckpt.restore_latest({'w': jnp.ones(3)})
+    restored, _ = ckpt.restore(1, {'w': jnp.zeros(3)})
+  np.testing.assert_array_equal(restored['w'], np.ones(3))
+  with pytest.raises(ValueError, match='No checkpoint folder'):
+    checkpoint_lib.load_params(tmp_path / 'missing')
