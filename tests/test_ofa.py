@@ -156,3 +156,35 @@ def test_branch_trains_to_teacher_logits():
     params, opt, stats, l = step(params, opt, stats)
     first = float(l) if first is None else first
   assert float(l) < 0.5 * first, (first, float(l))
+
+
+def test_distill_classifier_student_and_loss_terms():
+  import ml_collections
+  from edgevl_jax.train import distill_classifier
+  config = ml_collections.ConfigDict(dict(
+      student=dict(name="vit_ti16", overrides=dict(
+          image_size=16, patch_size=4, width=16, depth=4, num_heads=2,
+          drop_path_rate=0.0)),
+      ofa=dict(stages=[3], weight=0.5, gamma=1.5, temperature=1.0),
+      ce_weight=1.0, kd_weight=2.0, kd="kl", kd_temperature=4.0))
+  model = distill_classifier.build_student(config, 5, (16, 16, 3), True)
+  x = jnp.zeros((3, 16, 16, 3))
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
+  logits, extra = jax.jit(model.apply)(variables, x)
+  assert logits.shape == (3, 5) and [e.shape for e in extra] == [(3, 5)]
+  teacher = jnp.asarray(np.random.default_rng(0).normal(size=(3, 5)),
+                        jnp.float32)
+  labels = jnp.array([0, 3, 4])
+  total, parts = distill_classifier._losses(config, logits, extra, teacher,
+                                            labels)
+  want = (parts["ce_loss"] + 2.0 * parts["kd_loss"]
+          + 0.5 * parts["ofa_loss"])
+  np.testing.assert_allclose(float(total), float(want), rtol=1e-6)
+  np.testing.assert_allclose(
+      float(parts["ofa_loss"]),
+      float(losses.ofa_loss(logits_student=extra[0], logits_teacher=teacher,
+                            target_labels=labels, gamma=1.5)), rtol=1e-6)
+  plain = distill_classifier.build_student(config, 5, (16, 16, 3), False)
+  assert plain.branches is None
+  with pytest.raises(ValueError, match="holds no trained classifier"):
+    distill_classifier.teacher_model_dir("/nonexistent")
