@@ -16,7 +16,7 @@ CORPUS = [
 ]
 
 
-def _config(vocab_size=99, eos=98, width=32):
+def _config(vocab_size=1024, eos=1, width=32):
   return transformers.CLIPConfig(
       text_config=dict(vocab_size=vocab_size, hidden_size=width,
                        intermediate_size=64, num_hidden_layers=2,
@@ -34,8 +34,8 @@ def _tiny():
   params = clip.init_params(model, jax.random.key(0))
   rng = np.random.default_rng(0)
   images = rng.standard_normal((8, 32, 32, 3)).astype(np.float32)
-  ids = rng.integers(2, 97, (8, 12)).astype(np.int32)
-  ids[:, 7:] = 98
+  ids = rng.integers(2, 1000, (8, 12)).astype(np.int32)
+  ids[:, 7:] = 1  # end-of-text, also the padding token
   mask = (np.arange(12) < 8).astype(np.int32)[None].repeat(8, 0)
   return model, params, images, ids, mask
 
@@ -46,7 +46,7 @@ def test_config_view_is_hashable_and_round_trips(tiny):
   hash(model)  # linen fields must be hashable (jit static args, clone)
   back = clip.CLIPSpec.from_hf(model.config.to_hf())
   assert back == model.config
-  assert clip.CLIP(model.config.to_hf()).config.text.eos_token_id == 98
+  assert clip.CLIP(model.config.to_hf()).config.text.eos_token_id == 1
 
 
 def test_params_are_float32_with_hf_names(tiny):
@@ -134,10 +134,10 @@ def test_every_matmul_goes_through_injected_ops(tiny):
   ops = layers.Ops(dot_general_cls=dot_cls, einsum_cls=CountingEinsum,
                    conv_general_dilated_cls=conv_cls)
   counted = clip.CLIP(model.config, ops=ops)
-  out = counted.apply({"params": params}, images, ids, mask)
+  out = jax.jit(counted.apply)({"params": params}, images, ids, mask)
   # Per tower: 2 blocks x (q, k, v, out, fc1, fc2) + 1 projection.
   assert calls == {"dot": 26, "einsum": 8, "conv": 1}
-  want = model.apply({"params": params}, images, ids, mask)
+  want = jax.jit(model.apply)({"params": params}, images, ids, mask)
   np.testing.assert_allclose(out["logits_per_image"],
                              want["logits_per_image"], rtol=1e-6)
 
@@ -184,10 +184,10 @@ def test_load_tokenizer_missing_folder(tmp_path):
     clip.load_tokenizer(tmp_path / "nope")
 
 
-def test_zero_shot_classifier_ensembles_templates(tokenizer_dir):
+def test_zero_shot_classifier_ensembles_templates(tiny, tokenizer_dir):
   tok = clip.load_tokenizer(tokenizer_dir)
-  model = clip.CLIP(_config(vocab_size=len(tok), eos=1))
-  params = clip.init_params(model, jax.random.key(2))
+  model, params, *_ = tiny
+  assert len(tok) <= model.config.text.vocab_size
   names = ["cat", "dog", "chair"]
   templates = ["a photo of a {}.", "a depth image of a {}."]
   zs = clip.zero_shot_classifier(model, params, tok, names, templates,
