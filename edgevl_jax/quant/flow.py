@@ -65,16 +65,19 @@ def calibrate(
       built with calibration='static', phase='calibrate').
   """
   stats = variables.get(spec_lib.QUANT_STATS, {})
+  rest = {k: v for k, v in variables.items() if k != spec_lib.QUANT_STATS}
 
-  def step(stats, batch):
-    _, mutated = apply_fn({**variables, spec_lib.QUANT_STATS: stats}, batch,
+  # Variables are an argument, not a closure: closed-over params would become
+  # XLA constants that it then spends seconds constant-folding.
+  def step(rest, stats, batch):
+    _, mutated = apply_fn({**rest, spec_lib.QUANT_STATS: stats}, batch,
                           mutable=[spec_lib.QUANT_STATS], **apply_kwargs)
     return mutated[spec_lib.QUANT_STATS]
 
   step_fn = jax.jit(step) if jit else step
   count = 0
   for batch in batches:
-    stats = step_fn(stats, batch)
+    stats = step_fn(rest, stats, batch)
     count += 1
   if count == 0:
     raise ValueError("calibrate: `batches` is empty; pass at least one batch.")
