@@ -19,6 +19,8 @@ INSTALL_REQUIRES = [
     "tensorboardX>=2.6",
     "pillow>=10",
     "scikit-learn>=1.4",
+    # jax.export serialisation of the edge artefact.
+    "flatbuffers>=24.3",
 ]
 
 EXTRAS = {

@@ -1,0 +1,318 @@
+"""The EdgeVL edge artefact: a `jax.export` int8 student + class text features.
+
+A folder a device can run with JAX alone (no Flax model code, no text tower):
+
+  student.jax.bin      `jax.export.Exported.serialize()` of
+                       f(weights, images) -> (B, D) L2-normalised embeddings;
+                       images (B, S, S, 3) float32 in [0, 1] (normalisation
+                       is inside), batch dimension symbolic ('b') when the
+                       student lowers with it, else one file per fixed batch
+                       size (student_b{N}.jax.bin),
+  weights.msgpack      the served variables of `quant.convert` (int8 kernels,
+                       fp32 per-channel scales, static activation ranges, fp32
+                       biases/norms) passed to the function as an INPUT, so
+                       they stay int8 on disk (closing over them would embed
+                       them as HLO constants next to their float copies),
+  text_features.npy    (C, D) L2-normalised class prompt embeddings,
+  manifest.json        format, image size, normalisation mean/std, class
+                       names, logit scale, dtypes, byte sizes, batch sizes.
+
+    manifest = artifact.export_artifact(out_dir, meta=meta, served=served,
+                                        text_features=text, class_names=names)
+    predict = artifact.load_artifact(out_dir)
+    emb, classes = predict(images_uint8)      # (B, D), (B,)
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from edgevl_jax import quant
+from edgevl_jax.eval import artefacts
+from edgevl_jax.export import size as size_lib
+from edgevl_jax.models import preprocess
+from edgevl_jax.train import metrics as metrics_lib
+
+FORMAT = "edgevl_jax.artifact/1"
+MANIFEST = "manifest.json"
+WEIGHTS = "weights.msgpack"
+TEXT_FEATURES = "text_features.npy"
+SYMBOLIC_FILE = "student.jax.bin"
+DEFAULT_BATCH_SIZES = (1, 8)
+
+
+def _fixed_file(batch: int) -> str:
+  return f"student_b{batch}.jax.bin"
+
+
+def _write_bytes(path: str, blob: bytes) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    f.write(blob)
+  os.replace(tmp, path)
+
+
+def serving_fn(meta: Mapping[str, Any]):
+  """f(served, images in [0, 1]) -> (B, D) unit-norm embeddings (traceable)."""
+  model = artefacts.build_student(
+      meta, quant.int8(calibration="static").replace(phase="serve"))
+  kind = meta["normalization"]
+
+  def embed(served, images):
+    x = preprocess.normalize(images.astype(jnp.float32), kind)
+    emb = quant.serve_apply(model.apply, served, x)
+    return emb / jnp.linalg.norm(emb, axis=-1, keepdims=True)
+
+  return embed
+
+
+def _export(fn, served_specs, image_spec, platforms):
+  return jax.export.export(jax.jit(fn), platforms=platforms)(served_specs,
+                                                             image_spec)
+
+
+def export_artifact(
+    out_dir: str,
+    *,
+    meta: Mapping[str, Any],
+    served: Mapping[str, Any],
+    text_features: Any,
+    class_names: Sequence[str],
+    logit_scale: float = 100.0,
+    batch_sizes: Sequence[int] | None = None,
+    platforms: Sequence[str] = ("cpu",),
+    teacher_bytes: int | None = None,
+) -> dict[str, Any]:
+  """Writes the artefact folder; returns its manifest.
+
+  Args:
+    out_dir: folder to create (existing artefact files are replaced).
+    meta: the student.json dict (name, embed_dim, overrides, normalization).
+    served: `quant.convert` output of the static int8 student.
+    text_features: (C, D) class text embeddings (normalised again here).
+    class_names: C names, the row order of `text_features`.
+    logit_scale: multiplier of the cosine similarities before the softmax
+      that gives a confidence (CLIP's learnt scale, 100 in OpenAI CLIP).
+    batch_sizes: None tries a symbolic batch dimension first and falls back
+      to `DEFAULT_BATCH_SIZES`; a sequence forces those fixed sizes.
+    platforms: lowering platforms ('cpu', 'cuda', 'tpu').
+    teacher_bytes: fp32 bytes of the teacher image tower, for the size ratio.
+
+  Returns:
+    The manifest dict (also written to out_dir/manifest.json).
+  """
+  text = np.asarray(text_features, np.float32)
+  if text.ndim != 2 or text.shape[0] != len(class_names):
+    raise ValueError(
+        f"text_features must be (num_classes, D) with num_classes = "
+        f"len(class_names) = {len(class_names)}; found shape {text.shape}.")
+  if text.shape[1] != int(meta["embed_dim"]):
+    raise ValueError(
+        f"text_features width {text.shape[1]} != student embed_dim "
+        f"{meta['embed_dim']}; export text features of the student's teacher.")
+  text = text / np.linalg.norm(text, axis=-1, keepdims=True)
+  host = jax.tree.map(np.asarray, jax.device_get(
+      flax.core.unfreeze(flax.linen.meta.unbox(dict(served)))))
+  specs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), host)
+  image_size = int(artefacts.build_student(meta).image_size)
+  fn = serving_fn(meta)
+  os.makedirs(out_dir, exist_ok=True)
+  files, exported_batches = {}, None
+  if batch_sizes is None:
+    (b,) = jax.export.symbolic_shape("b")
+    try:
+      exp = _export(fn, specs, jax.ShapeDtypeStruct(
+          (b, image_size, image_size, 3), jnp.float32), platforms)
+    except Exception:  # pylint: disable=broad-except
+      # Some lowering rules need static shapes: fixed batch sizes instead.
+      batch_sizes = DEFAULT_BATCH_SIZES
+    else:
+      _write_bytes(os.path.join(out_dir, SYMBOLIC_FILE), exp.serialize())
+      files["symbolic"] = SYMBOLIC_FILE
+      exported_batches = "symbolic"
+  if batch_sizes is not None:
+    for batch in batch_sizes:
+      if int(batch) < 1:
+        raise ValueError(f"batch_sizes must be positive, found {batch}.")
+      exp = _export(fn, specs, jax.ShapeDtypeStruct(
+          (int(batch), image_size, image_size, 3), jnp.float32), platforms)
+      _write_bytes(os.path.join(out_dir, _fixed_file(int(batch))),
+                   exp.serialize())
+      files[str(int(batch))] = _fixed_file(int(batch))
+    exported_batches = [int(b) for b in batch_sizes]
+  _write_bytes(os.path.join(out_dir, WEIGHTS),
+               flax.serialization.msgpack_serialize(host))
+  tmp = os.path.join(out_dir, TEXT_FEATURES + ".tmp.npy")
+  np.save(tmp, text)
+  os.replace(tmp, os.path.join(out_dir, TEXT_FEATURES))
+  nbytes = quant.served_nbytes(host)
+  sizes = {
+      "weights_file": os.path.getsize(os.path.join(out_dir, WEIGHTS)),
+      "int8_weights": nbytes["int_weights"],
+      "scales": nbytes["scales"],
+      "float_params": nbytes["float_params"],
+      "student_int8": size_lib.model_size(host)["bytes"],
+      "text_features": int(text.nbytes),
+      "program_files": sum(os.path.getsize(os.path.join(out_dir, f))
+                           for f in files.values()),
+  }
+  if teacher_bytes:
+    sizes["teacher_fp32"] = int(teacher_bytes)
+    sizes["compression_int8"] = teacher_bytes / sizes["student_int8"]
+  mean, std = {"clip": (preprocess.CLIP_MEAN, preprocess.CLIP_STD),
+               "imagenet": (preprocess.IMAGENET_MEAN,
+                            preprocess.IMAGENET_STD)}[meta["normalization"]]
+  manifest = {
+      "format": FORMAT,
+      "student": dict(meta),
+      "image_size": image_size,
+      "input": {"layout": "NHWC", "channels": 3, "dtype": "float32",
+                "range": [0.0, 1.0], "normalization": meta["normalization"],
+                "mean": list(mean), "std": list(std),
+                "note": "uint8 images are divided by 255 by the loader"},
+      "output": {"embedding": "L2-normalised", "dtype": "float32",
+                 "embed_dim": int(text.shape[1])},
+      "weights": {"file": WEIGHTS, "passed_as": "input",
+                  "dtypes": sorted({str(a.dtype)
+                                    for a in jax.tree.leaves(host)})},
+      "programs": files,
+      "batch_sizes": exported_batches,
+      "platforms": list(platforms),
+      "class_names": list(class_names),
+      "text_features": {"file": TEXT_FEATURES, "shape": list(text.shape),
+                        "dtype": "float32"},
+      "logit_scale": float(logit_scale),
+      "bytes": sizes,
+  }
+  metrics_lib.atomic_write_text(os.path.join(out_dir, MANIFEST),
+                                json.dumps(manifest, indent=2))
+  return manifest
+
+
+def export_from_student(
+    out_dir: str,
+    *,
+    meta: Mapping[str, Any],
+    params: Any,
+    calibration_batches: Sequence[Any],
+    text_features: Any,
+    class_names: Sequence[str],
+    **kwargs,
+) -> dict[str, Any]:
+  """Static-calibrates, converts and exports fp32 `params` of a student.
+
+  Args:
+    out_dir: artefact folder.
+    meta: student.json dict.
+    params: trained fp32 params (e.g. of a qat_contrastive workdir).
+    calibration_batches: normalised (N, S, S, 3) batches [non-RGB; RGB]
+      (`eval.quantized.calibration_inputs`).
+    text_features, class_names, **kwargs: as in `export_artifact`.
+  """
+  if not calibration_batches:
+    raise ValueError("calibration_batches is empty; pass at least one batch "
+                     "of normalised images (both modalities).")
+  spec = quant.int8(calibration="static")
+  m_cal = artefacts.build_student(meta, spec.replace(phase="calibrate"))
+  variables = quant.calibrate(m_cal.apply, {"params": params},
+                              calibration_batches)
+  m_cvt = artefacts.build_student(meta, spec.replace(phase="convert"))
+  served = quant.convert(m_cvt.apply, variables,
+                         jnp.asarray(calibration_batches[0][:1]))
+  return export_artifact(out_dir, meta=meta, served=served,
+                         text_features=text_features, class_names=class_names,
+                         **kwargs)
+
+
+def export_from_workdir(workdir: str, out_dir: str, **kwargs
+                        ) -> dict[str, Any]:
+  """`export_from_student` on the student of a qat_contrastive workdir."""
+  _, params, meta = artefacts.load_student(workdir)
+  return export_from_student(out_dir, meta=meta, params=params, **kwargs)
+
+
+class Artifact:
+  """A loaded artefact: `artifact(images) -> (embeddings, classes)`.
+
+  Attributes:
+    manifest: the manifest dict.
+    class_names: list of C names.
+    text_features: (C, D) float32, unit rows.
+    image_size: S of the expected (B, S, S, 3) input.
+  """
+
+  def __init__(self, manifest: dict[str, Any], programs: dict[Any, Any],
+               weights: Any, text_features: np.ndarray):
+    self.manifest = manifest
+    self.class_names = list(manifest["class_names"])
+    self.text_features = text_features
+    self.image_size = int(manifest["image_size"])
+    self._programs = programs
+    self._weights = weights
+
+  def embed(self, images: Any) -> np.ndarray:
+    """images: (B, S, S, 3) uint8 in [0, 255] or float in [0, 1] -> (B, D)."""
+    x = np.asarray(images)
+    s = self.image_size
+    if x.ndim != 4 or x.shape[1:] != (s, s, 3):
+      raise ValueError(f"images must be (B, {s}, {s}, 3) NHWC, found shape "
+                       f"{x.shape}; resize to the artefact's image_size {s}.")
+    x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else (
+        x.astype(np.float32))
+    if "symbolic" in self._programs:
+      return np.asarray(self._programs["symbolic"].call(self._weights, x))
+    sizes = sorted(self._programs)
+    out = []
+    for start in range(0, x.shape[0], max(sizes)):
+      chunk = x[start:start + max(sizes)]
+      fit = next(b for b in sizes if b >= chunk.shape[0])
+      pad = np.zeros((fit - chunk.shape[0],) + chunk.shape[1:], np.float32)
+      emb = self._programs[fit].call(self._weights,
+                                     np.concatenate([chunk, pad]))
+      out.append(np.asarray(emb)[:chunk.shape[0]])
+    return np.concatenate(out)
+
+  def scores(self, embeddings: np.ndarray) -> np.ndarray:
+    """(B, D) -> (B, C) class probabilities (softmax of scaled cosines)."""
+    logits = self.manifest["logit_scale"] * embeddings @ self.text_features.T
+    logits = logits - logits.max(axis=-1, keepdims=True)
+    p = np.exp(logits)
+    return p / p.sum(axis=-1, keepdims=True)
+
+  def __call__(self, images: Any) -> tuple[np.ndarray, np.ndarray]:
+    emb = self.embed(images)
+    return emb, np.argmax(emb @ self.text_features.T, axis=-1)
+
+
+def load_artifact(path: str) -> Artifact:
+  """Reads an artefact folder written by `export_artifact`."""
+  path = os.fspath(path)
+  manifest_file = os.path.join(path, MANIFEST)
+  if not os.path.isfile(manifest_file):
+    raise ValueError(
+        f"{path!r} is not an edgevl_jax artefact (no {MANIFEST}); pass the "
+        "folder written by edgevl_jax.export.artifact.export_artifact.")
+  with open(manifest_file) as f:
+    manifest = json.load(f)
+  if manifest.get("format") != FORMAT:
+    raise ValueError(f"{manifest_file} has format {manifest.get('format')!r}, "
+                     f"expected {FORMAT!r}; re-export the artefact.")
+  needed = [WEIGHTS, TEXT_FEATURES, *manifest["programs"].values()]
+  missing = [f for f in needed if not os.path.isfile(os.path.join(path, f))]
+  if missing:
+    raise ValueError(f"artefact {path!r} is missing {missing}; re-export it.")
+  programs = {}
+  for key, name in manifest["programs"].items():
+    with open(os.path.join(path, name), "rb") as f:
+      exp = jax.export.deserialize(bytearray(f.read()))
+    programs["symbolic" if key == "symbolic" else int(key)] = exp
+  with open(os.path.join(path, WEIGHTS), "rb") as f:
+    weights = flax.serialization.msgpack_restore(f.read())
+  text = np.load(os.path.join(path, TEXT_FEATURES)).astype(np.float32)
+  return Artifact(manifest, programs, weights, text)
