@@ -118,21 +118,22 @@ def main(argv=None) -> dict:
     parser.error(f"unknown students {unknown}; choose from {students.NAMES}")
   batches = tuple(int(b) for b in args.batches.split(","))
   repeats, warmup = (3, 1) if args.quick else (args.repeats, args.warmup)
-  rows = []
-  for name in names:
-    rows.append(bench_student(name, embed_dim=args.embed_dim, batches=batches,
-                              repeats=repeats, warmup=warmup))
-    print(f"done {name}", flush=True)
-  print(_table(rows, batches))
   result = {
       "device": str(jax.devices()[0]), "backend": jax.default_backend(),
-      "cpu_count": os.cpu_count(), "load_avg_1m": os.getloadavg()[0],
-      "repeats": repeats, "warmup": warmup, "embed_dim": args.embed_dim,
-      "students": rows,
+      "cpu_count": os.cpu_count(), "repeats": repeats, "warmup": warmup,
+      "embed_dim": args.embed_dim, "load_avg_1m": [], "students": [],
   }
   os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-  with open(args.json, "w") as f:
-    json.dump(result, f, indent=1)
+  for name in names:
+    result["students"].append(bench_student(
+        name, embed_dim=args.embed_dim, batches=batches, repeats=repeats,
+        warmup=warmup))
+    # Written after every student so a long run keeps what it measured.
+    result["load_avg_1m"].append(os.getloadavg()[0])
+    with open(args.json, "w") as f:
+      json.dump(result, f, indent=1)
+    print(f"done {name}", flush=True)
+  print(_table(result["students"], batches))
   print(f"wrote {args.json}")
   return result
 

@@ -1,4 +1,4 @@
-"""Model sizes from configs alone, checked against torch/HF meta-device counts."""
+"""Model sizes from configs alone, checked against HF meta-device counts."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -106,3 +106,26 @@ def test_int4_counts_half_a_byte():
 def test_unknown_teacher_names_the_choices():
   with pytest.raises(ValueError, match="vit_g14"):
     size.clip_config("vit_h14")
+
+
+@pytest.mark.parametrize("name,kw", [
+    ("vit_ti16", dict(image_size=32, patch_size=8, depth=2, width=32,
+                      num_heads=2)),
+    ("swin_t", dict(width=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))),
+    ("resnet18", dict(image_size=32, widths=(8, 16, 16, 16), stem_width=8)),
+])
+def test_int8_student_params_tree_equals_fp32_tree(name, kw):
+  """Stage 2 starts from stage-1 params: same paths, shapes, dtypes."""
+  side = kw.get("image_size", 224)
+  x = jax.ShapeDtypeStruct((1, side, side, 3), jnp.float32)
+  trees = {}
+  for label, spec in (("fp32", None), ("int8", quant.int8()),
+                      ("static", quant.int8("static"))):
+    model = students.build(name, embed_dim=16, quant=spec, **kw)
+    trees[label] = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
+  fp32 = trees["fp32"]["params"]
+  for label in ("int8", "static"):
+    assert (jax.tree.map(lambda a: (a.shape, a.dtype), trees[label]["params"])
+            == jax.tree.map(lambda a: (a.shape, a.dtype), fp32)), label
+  assert set(trees["int8"]) == set(trees["fp32"])
+  assert set(trees["static"]) == set(trees["fp32"]) | {quant.QUANT_STATS}
