@@ -135,3 +135,65 @@ def pipeline(shared, stages):
     c[k] = v
   c.stages = stages
   return c
+
+
+# Students selectable by config arg, with EdgeVL's settings.
+STUDENTS = ("swin_t", "swin_t_edgevl", "vit_ti16", "vit_s16", "vit_b16",
+            "resnet18", "mobilenet_v2")
+
+
+def paper_config(arg, *, dataset, kept_fraction, data_config="",
+                 default_student="swin_t_edgevl", mining="offline"):
+  """EdgeVL on a real dataset with the paper's hyper-parameters.
+
+  Args (config arg string): student=NAME, teacher=PATH (an HF CLIP folder,
+  required for real runs), data_dir=PATH, source_dir=PATH (local copy of
+  the dataset for the builders), seed=N, mining=offline|online,
+  mining_space=normalized|unnormalized, teacher_normalization=clip|imagenet,
+  epochs=N (120), steps_per_epoch=N (curated train size / batch size),
+  runlocal (tiny sizes and steps for a laptop smoke run).
+  """
+  from edgevl_jax.train import config_utils  # pylint: disable=g-import-not-at-top
+  args = config_utils.parse_arg(
+      arg, student=default_student, teacher="", data_dir="workdirs/tfds",
+      source_dir=data_config, seed=0, mining=mining,
+      mining_space="normalized", teacher_normalization="clip",
+      runlocal=False, epochs=120, steps_per_epoch=100)
+  if args.student not in STUDENTS:
+    raise ValueError(f"config arg student={args.student!r}; choose one of "
+                     f"{list(STUDENTS)}.")
+  local = args.runlocal
+  image_size = 32 if local else 224
+  shared = shared_refs(dataset=dataset, data_dir=args.data_dir,
+                       data_config=args.source_dir, image_size=image_size,
+                       seed=args.seed)
+  overrides = dict(image_size=image_size)
+  if local:
+    overrides.update(_tiny_overrides(args.student))
+  student = dict(name=args.student, normalization="imagenet",
+                 overrides=overrides)
+  epochs = 1 if local else args.epochs
+  # The paper counts epochs; schedules need steps up front, so the arg
+  # steps_per_epoch should be (kept_fraction x train size) / batch size.
+  stage1_steps = 20 if local else epochs * args.steps_per_epoch
+  stage2_steps = 10 if local else epochs * args.steps_per_epoch
+  teacher = args.teacher or "/path/to/hf_clip_vit_g14"
+  stages = edgevl_stages(
+      shared, teacher=teacher, kept_fraction=kept_fraction,
+      teacher_normalization=args.teacher_normalization,
+      kd=dict(student=student, batch_size=8 if local else 32,
+              num_steps=stage1_steps, eval_every=stage1_steps,
+              optim=dict(STAGE1_OPTIM)),
+      qat=dict(batch_size=2 if local else 4, num_steps=stage2_steps,
+               eval_every=stage2_steps, mining=args.mining,
+               mining_space=args.mining_space, optim=dict(STAGE2_OPTIM)))
+  return pipeline(shared, stages)
+
+
+def _tiny_overrides(name):
+  if name.startswith("vit"):
+    return dict(patch_size=4, width=32, depth=1, num_heads=2)
+  if name.startswith("swin"):
+    return dict(patch_size=2, window_size=2, width=16, depths=(1, 1, 1, 1),
+                num_heads=(1, 1, 1, 1))
+  return {}

@@ -26,7 +26,8 @@ import common_edgevl as common  # pylint: disable=g-import-not-at-top,wrong-impo
 from edgevl_jax.train import config_utils  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 IMAGE_SIZE = 32
-# 32 px, 960 train / 120 validation / 240 test scenes.
+# 32 px scenes: train / validation / test sizes (rendering is part of the run).
+DEMO_DATA = "custom_32px_2400_300_600"
 QUICK_DATA = "custom_32px_960_120_240"
 
 
@@ -36,34 +37,32 @@ def get_config(arg=None):
   quick = args.quick
   shared = common.shared_refs(
       dataset="synthetic_rgbd", data_dir=args.data_dir,
-      data_config=QUICK_DATA if quick else "demo", image_size=IMAGE_SIZE,
+      data_config=QUICK_DATA if quick else DEMO_DATA, image_size=IMAGE_SIZE,
       seed=args.seed)
   teacher = "@clip_pretrain/teacher_path"
-  clip_model = dict(vision_width=96, vision_layers=3, vision_heads=4,
-                    patch_size=4, text_width=96, text_layers=2, text_heads=4,
+  clip_model = dict(vision_width=64, vision_layers=2, vision_heads=4,
+                    patch_size=4, text_width=64, text_layers=1, text_heads=4,
                     projection_dim=64, max_length=24, vocab_size=400,
                     hidden_act="gelu")
   student = dict(name="vit_ti16", normalization="clip", overrides=dict(
-      image_size=IMAGE_SIZE, patch_size=4, width=96, depth=4, num_heads=4,
+      image_size=IMAGE_SIZE, patch_size=4, width=64, depth=3, num_heads=4,
       drop_path_rate=0.0))
   if quick:
-    clip_model.update(vision_width=32, vision_layers=1, text_width=32,
-                      text_layers=1, projection_dim=32)
-    student["overrides"].update(width=32, depth=1)
+    student["overrides"].update(depth=2)
   steps = (lambda full, small: small if quick else full)
   stages = [common.clip_pretrain(
-      shared, model=clip_model, batch_size=steps(128, 32),
-      num_steps=steps(600, 30), log_every=steps(50, 10),
+      shared, model=clip_model, batch_size=64,
+      num_steps=steps(500, 250), log_every=50,
       optim=dict(name="adamw", lr=2e-3, end_lr=1e-5, schedule="cosine",
-                 warmup_steps=steps(50, 5), weight_decay=0.05,
+                 warmup_steps=30, weight_decay=0.05,
                  grad_clip_norm=1.0))]
   stages += common.edgevl_stages(
       shared, teacher=teacher, kept_fraction=0.5, crop_scale=(0.5, 1.0),
-      kd=dict(student=student, batch_size=steps(64, 16),
-              num_steps=steps(600, 30), eval_every=steps(200, 30),
-              log_every=steps(50, 10),
+      kd=dict(student=student, batch_size=64,
+              num_steps=steps(400, 150), eval_every=steps(200, 150),
+              log_every=50,
               optim=dict(common.STAGE1_OPTIM, lr=1e-3, end_lr=5e-5)),
-      qat=dict(batch_size=steps(8, 4), num_steps=steps(100, 10),
-               eval_every=steps(100, 10), log_every=steps(25, 5),
+      qat=dict(batch_size=8, num_steps=steps(40, 10),
+               eval_every=steps(40, 10), log_every=10,
                optim=dict(common.STAGE2_OPTIM, lr=1e-5, end_lr=1e-6)))
   return common.pipeline(shared, stages)

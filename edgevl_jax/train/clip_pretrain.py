@@ -96,6 +96,24 @@ def clip_loss(logits_per_image: jax.Array) -> jax.Array:
                 + ce(logits_per_image.T, labels).mean())
 
 
+def make_train_step(model: Any, norm: Any):
+  """(state, batch) -> (state, metrics); batch: 'rgb' (B, S, S, 3) in
+  [0, 1], 'input_ids' and 'attention_mask' (B, L)."""
+
+  def train_step(state, batch):
+    def loss_fn(params):
+      params = {**params, "logit_scale": jnp.minimum(
+          params["logit_scale"], MAX_LOGIT_SCALE)}
+      out = model.apply({"params": params}, norm(batch["rgb"]),
+                        batch["input_ids"], batch["attention_mask"])
+      return clip_loss(out["logits_per_image"])
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    return state.apply_gradients(grads), {
+        "loss": loss, "logit_scale": jnp.exp(state.params["logit_scale"])}
+
+  return train_step
+
+
 def _captions(source: Any) -> list[str]:
   return [source[i]["caption"] for i in range(len(source))]
 
@@ -141,16 +159,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
       init_fn, tx, jax.random.key(config.seed), mesh=mesh)
   batch_sh = mesh_lib.batch_sharding(mesh)
 
-  def train_step(state, batch):
-    def loss_fn(params):
-      params = {**params, "logit_scale": jnp.minimum(
-          params["logit_scale"], MAX_LOGIT_SCALE)}
-      out = model.apply({"params": params}, norm(batch["rgb"]),
-                        batch["input_ids"], batch["attention_mask"])
-      return clip_loss(out["logits_per_image"])
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    return state.apply_gradients(grads), {
-        "loss": loss, "logit_scale": jnp.exp(state.params["logit_scale"])}
+  train_step = make_train_step(model, norm)
 
   step = mesh_lib.jit_sharded(
       train_step, in_shardings=(state_sh, batch_sh),

@@ -147,6 +147,39 @@ def make_eval_fn(config: Any, model: Any, val_src: Any, text: np.ndarray,
   return eval_fn
 
 
+def _encode_teacher(teacher, t_norm, tp, rgb):
+  return teacher.apply({"params": tp}, t_norm(rgb), method="encode_image")
+
+
+def make_train_step(model: Any, teacher: Any, *, kind: str, mode: str,
+                    t_norm: Any, s_norm: Any):
+  """(state, teacher_params, batch) -> (state, metrics), to be jitted.
+
+  batch: 'rgb', 'other' (B, S, S, 3) in [0, 1], and optionally 'teacher'
+  (B, D) cached teacher embeddings (then the teacher is not run).
+  """
+
+  def train_step(state, tp, batch):
+    if "teacher" in batch:
+      t = batch["teacher"]
+    else:
+      t = jax.lax.stop_gradient(
+          _encode_teacher(teacher, t_norm, tp, batch["rgb"]))
+    x = s_norm(student_inputs(batch["other"], batch["rgb"], mode))
+
+    def loss_fn(params):
+      s = model.apply({"params": params}, x, train=True,
+                      rngs={"dropout": state.step_key("dropout")})
+      return losses.dual_modality_kd_loss(student_embeddings=s,
+                                          teacher_embeddings=t, kind=kind)
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    gnorm = jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(grads)))
+    return state.apply_gradients(grads), {"loss": loss, "grad_norm": gnorm}
+
+  return train_step
+
+
 def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   """Stage 1: distils the teacher into the student on both modalities."""
   validate_config(config)
@@ -178,25 +211,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   rep = mesh_lib.replicated(mesh)
   mode, kind = config.student_inputs, config.kd_loss
 
-  def encode_teacher(tp, rgb):
-    return teacher.apply({"params": tp}, t_norm(rgb), method="encode_image")
-
-  def train_step(state, tp, batch):
-    if "teacher" in batch:
-      t = batch["teacher"]
-    else:
-      t = jax.lax.stop_gradient(encode_teacher(tp, batch["rgb"]))
-    x = s_norm(student_inputs(batch["other"], batch["rgb"], mode))
-
-    def loss_fn(params):
-      s = model.apply({"params": params}, x, train=True,
-                      rngs={"dropout": state.step_key("dropout")})
-      return losses.dual_modality_kd_loss(student_embeddings=s,
-                                          teacher_embeddings=t, kind=kind)
-
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    gnorm = jax.numpy.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(grads)))
-    return state.apply_gradients(grads), {"loss": loss, "grad_norm": gnorm}
+  encode_teacher = functools.partial(_encode_teacher, teacher, t_norm)
+  train_step = make_train_step(model, teacher, kind=kind, mode=mode,
+                               t_norm=t_norm, s_norm=s_norm)
 
   step_fn = mesh_lib.jit_sharded(
       train_step, in_shardings=(state_sh, t_sh, batch_sh),

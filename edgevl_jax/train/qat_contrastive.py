@@ -76,33 +76,13 @@ def quant_spec(name: str) -> Any:
   return None if factory is None else factory()
 
 
-def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
-  """Stage 2: int8 QAT with semi-hard triplets on pseudo-labels."""
-  validate_config(config)
-  os.makedirs(workdir, exist_ok=True)
-  mesh = mesh_lib.make_mesh(config_utils.get(config, "mesh", None))
-  train_src = splits.load_source(config, "train")
-  val_src = splits.load_source(config, "validation")
-  info = train_src.info
-  model, init_params, meta = artefacts.load_student(
-      config.init_from, quant=quant_spec(config.quant))
-  if int(meta["image_size"]) != config.image_size:
-    raise ValueError(f"config.image_size={config.image_size} differs from the "
-                     f"stage-1 student's image_size={meta['image_size']}.")
-  teacher, t_params, tokenizer = artefacts.load_teacher(config.teacher)
-  text = artefacts.text_features(teacher, t_params, tokenizer,
-                                 info.class_names, info.prompt_templates[:1])
-  del teacher, t_params
-  indices, plabels = kd.curated_subset(config)
-  norm = artefacts.normalizer(meta["normalization"])
+def make_train_step(model: Any, norm: Any, *, margin: float, online: bool):
+  """(state, batch) -> (state, metrics), to be jitted.
 
-  tx = state_lib.make_optimizer(config.optim, config.num_steps)
-  state, state_sh = state_lib.create_train_state(
-      lambda k: {"params": init_params}, tx, jax.random.key(config.seed),
-      mesh=mesh, rules=kd.REPLICATED_RULES)
-  batch_sh = mesh_lib.batch_sharding(mesh)
-  margin = float(config.margin)
-  online = config.mining == "online"
+  Offline batches: 'rgb', 'other' (B, 2 + K, S, S, 3), 'mask' (B, 2 + K).
+  Online batches: 'rgb', 'other' (B, S, S, 3), 'pseudo_label' (B,).
+  Gradients are computed afresh each step; the student runs in train mode.
+  """
 
   def embed_train(params, images, key):
     return model.apply({"params": params}, norm(images), train=True,
@@ -131,6 +111,39 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     gnorm = jnp.sqrt(sum(jnp.sum(v * v) for v in jax.tree.leaves(grads)))
     return state.apply_gradients(grads), {"loss": loss, "grad_norm": gnorm}
+
+  return train_step
+
+
+def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
+  """Stage 2: int8 QAT with semi-hard triplets on pseudo-labels."""
+  validate_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  mesh = mesh_lib.make_mesh(config_utils.get(config, "mesh", None))
+  train_src = splits.load_source(config, "train")
+  val_src = splits.load_source(config, "validation")
+  info = train_src.info
+  model, init_params, meta = artefacts.load_student(
+      config.init_from, quant=quant_spec(config.quant))
+  if int(meta["image_size"]) != config.image_size:
+    raise ValueError(f"config.image_size={config.image_size} differs from the "
+                     f"stage-1 student's image_size={meta['image_size']}.")
+  teacher, t_params, tokenizer = artefacts.load_teacher(config.teacher)
+  text = artefacts.text_features(teacher, t_params, tokenizer,
+                                 info.class_names, info.prompt_templates[:1])
+  del teacher, t_params
+  indices, plabels = kd.curated_subset(config)
+  norm = artefacts.normalizer(meta["normalization"])
+
+  tx = state_lib.make_optimizer(config.optim, config.num_steps)
+  state, state_sh = state_lib.create_train_state(
+      lambda k: {"params": init_params}, tx, jax.random.key(config.seed),
+      mesh=mesh, rules=kd.REPLICATED_RULES)
+  batch_sh = mesh_lib.batch_sharding(mesh)
+  margin = float(config.margin)
+  online = config.mining == "online"
+
+  train_step = make_train_step(model, norm, margin=margin, online=online)
 
   step_fn = mesh_lib.jit_sharded(
       train_step, in_shardings=(state_sh, batch_sh),

@@ -1,0 +1,45 @@
+"""The demo pipeline end to end (quick variant): report keys and the effect."""
+import importlib.util
+import json
+import os
+
+import pytest
+
+from edgevl_jax import main as main_lib
+
+MODELS = ("teacher", "student_fp32", "student_int8_static",
+          "student_int8_dynamic")
+STAGES = ("clip_pretrain", "pseudo_labels", "dual_modality_kd",
+          "qat_contrastive", "evaluate", "export")
+
+
+def _demo_config(arg):
+  spec = importlib.util.spec_from_file_location("demo_cfg", "configs/demo.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.mark.slow
+def test_demo_quick_end_to_end(tmp_path):
+  config = _demo_config(f"quick,data_dir={tmp_path / 'tfds'}")
+  workdir = str(tmp_path / "demo")
+  main_lib.run(config, workdir)
+  with open(os.path.join(workdir, "report.json")) as f:
+    report = json.load(f)
+  zs = report["zero_shot"]
+  for model in MODELS:
+    for modality in ("rgb", "depth"):
+      assert 0.0 <= zs[model][modality] <= 1.0
+  for key in ("teacher_fp32", "student_fp32", "student_int8"):
+    assert report["model_bytes"][key] > 0
+  assert report["model_bytes"]["student_int8"] < report["model_bytes"][
+      "student_fp32"]
+  assert set(STAGES) <= set(report["seconds"])
+  # EdgeVL's effect, in direction: the RGB-only teacher is worse on depth
+  # than on RGB, and the student beats it on depth.
+  assert zs["teacher"]["depth"] < zs["teacher"]["rgb"]
+  assert zs["student_fp32"]["depth"] > zs["teacher"]["depth"]
+  assert zs["student_int8_static"]["depth"] > zs["teacher"]["depth"]
+  for name in ("export/student_int8.msgpack", "export/text_features.npy"):
+    assert os.path.exists(os.path.join(report["workdirs"]["export"], name))
