@@ -27,10 +27,12 @@ TINY = {
                 [(17, 768)] * 4, 768),
     "swin_t": (dict(image_size=64, window_size=4), 64,
                [(16, 16, 96), (8, 8, 192), (4, 4, 384), (2, 2, 768)], 768),
-    "swin_t_edgevl": (dict(image_size=64, window_size=4), 64,
+    # The 18-block third stage is counted at full size below.
+    "swin_t_edgevl": (dict(image_size=64, window_size=4, depths=(2, 2, 2, 2)),
+                      64,
                       [(16, 16, 96), (8, 8, 192), (4, 4, 384), (2, 2, 768)],
                       768),
-    "swin_s": (dict(image_size=64, window_size=4), 64,
+    "swin_s": (dict(image_size=64, window_size=4, depths=(2, 2, 2, 2)), 64,
                [(16, 16, 96), (8, 8, 192), (4, 4, 384), (2, 2, 768)], 768),
     "resnet18": (dict(image_size=32, cifar_stem=True), 32,
                  [(32, 32, 64), (16, 16, 128), (8, 8, 256), (4, 4, 512)], 512),
@@ -46,7 +48,8 @@ TINY = {
 # ResNetModel, MobileNetV2Model) and BatchNorm running stats excluded.
 FULL_PARAMS = {
     "vit_ti16": 5_524_416, "vit_s16": 21_665_664, "vit_b16": 85_798_656,
-    "swin_t": 27_519_354, "swin_s": 48_837_258, "resnet18": 11_176_512,
+    "swin_t": 27_519_354, "swin_t_edgevl": 48_837_258, "swin_s": 48_837_258,
+    "resnet18": 11_176_512,
     "resnet34": 21_284_672, "mobilenet_v2": 2_223_872,
 }
 
@@ -152,7 +155,8 @@ def test_every_kernel_goes_through_injected_ops(name):
   assert counts["dot"] == sum(k.ndim == 2 for k in kernels)
   assert counts["conv"] == sum(k.ndim == 4 for k in kernels)
   attention_blocks = (2 if name.startswith("vit") else
-                      12 if name.startswith("swin") else 0)
+                      sum(model.backbone.depths) if name.startswith("swin")
+                      else 0)
   assert counts["einsum"] == 2 * attention_blocks
 
 
@@ -251,3 +255,17 @@ def test_int8_quantised_student_runs_close_to_float():
   err = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
   assert out.shape == (2, 8)
   assert 0.0 < err < 0.1
+
+
+@pytest.mark.parametrize("name", ["vit_ti16", "swin_t", "resnet18",
+                                  "mobilenet_v2"])
+def test_bfloat16_compute_keeps_float32_params(name):
+  overrides, side, _, _ = TINY[name]
+  model = students.build(name, embed_dim=8, dtype=jnp.bfloat16, **overrides)
+  variables, x = _abstract(model, side)
+  assert {p.dtype for p in jax.tree.leaves(variables["params"])} == {
+      jnp.dtype(jnp.float32)}
+  feats = jax.eval_shape(
+      lambda v, x: model.apply(v, x, method="features"), variables, x)
+  assert jax.eval_shape(model.apply, variables, x).dtype == jnp.bfloat16
+  assert all(s.dtype == jnp.bfloat16 for s in feats["stages"])
