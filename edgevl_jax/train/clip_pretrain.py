@@ -19,7 +19,6 @@ Report: teacher_path, clip_pretrain.{val_top1_rgb, val_top1_depth, loss}.
 """
 from __future__ import annotations
 
-import functools
 import os
 from typing import Any
 

@@ -40,7 +40,6 @@ from edgevl_jax import losses
 from edgevl_jax.eval import artefacts
 from edgevl_jax.eval import splits
 from edgevl_jax.eval import zero_shot
-from edgevl_jax.models import clip
 from edgevl_jax.models import layers
 from edgevl_jax.models import students
 from edgevl_jax.train import checkpoint as checkpoint_lib

@@ -32,7 +32,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from edgevl_jax import data as data_lib
 from edgevl_jax import losses
