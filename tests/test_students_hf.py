@@ -197,3 +197,15 @@ def test_missing_weights_file_is_named(tmp_path):
   tr.ViTConfig().save_pretrained(str(tmp_path))
   with pytest.raises(ValueError, match="no model.safetensors"):
     students.load_hf(str(tmp_path))
+
+
+def test_absent_config_keys_take_transformers_defaults(tmp_path):
+  _tiny_vit(tmp_path)
+  cfg_path = tmp_path / "config.json"
+  cfg = json.loads(cfg_path.read_text())
+  del cfg["layer_norm_eps"], cfg["qkv_bias"]
+  cfg["image_size"] = [8, 8]
+  cfg_path.write_text(json.dumps(cfg))
+  model, _ = students.load_hf(str(tmp_path))
+  assert model.backbone.layer_norm_eps == 1e-12
+  assert model.backbone.image_size == 8

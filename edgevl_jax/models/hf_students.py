@@ -21,7 +21,7 @@ import functools
 import json
 import os
 import re
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -123,13 +123,49 @@ def _require(cfg: dict[str, Any], key: str, allowed: tuple[Any, ...],
         f"student (supported: {allowed}).")
 
 
+def _side(cfg: dict[str, Any], key: str, path: str) -> int:
+  value = cfg[key]
+  if isinstance(value, (list, tuple)):
+    if len(set(value)) != 1:
+      raise ValueError(f"{path}/config.json: {key}={value} is not square; "
+                       "the students take square sizes.")
+    value = value[0]
+  return int(value)
+
+
+def read_config(path: str) -> dict[str, Any]:
+  """config.json with transformers' defaults filled in for absent keys."""
+  cfg_file = os.path.join(path, "config.json")
+  if not os.path.exists(cfg_file):
+    raise ValueError(f"{cfg_file} not found; pass a Hugging Face model folder.")
+  with open(cfg_file) as f:
+    cfg = json.load(f)
+  try:
+    from transformers import CONFIG_MAPPING  # pylint: disable=g-import-not-at-top
+  except ImportError:  # Hub configs written by save_pretrained are complete.
+    return cfg
+  if cfg.get("model_type") in _FAMILIES:
+    defaults = CONFIG_MAPPING[cfg["model_type"]]().to_dict()
+    cfg = {**defaults, **cfg}
+  return cfg
+
+
 def student_overrides(cfg: dict[str, Any], path: str = "") -> dict[str, Any]:
   """Student architecture fields from a Hugging Face config dict."""
+  try:
+    return _student_overrides(cfg, path)
+  except KeyError as e:
+    raise ValueError(f"{path}/config.json has no {e}; it is needed to build "
+                     "the student.") from e
+
+
+def _student_overrides(cfg: dict[str, Any], path: str) -> dict[str, Any]:
   family = cfg.get("model_type")
   _require(cfg, "num_channels", (3,), path)
   if family == "vit":
     _require(cfg, "hidden_act", ("gelu",), path)
-    return dict(image_size=cfg["image_size"], patch_size=cfg["patch_size"],
+    return dict(image_size=_side(cfg, "image_size", path),
+                patch_size=_side(cfg, "patch_size", path),
                 width=cfg["hidden_size"], depth=cfg["num_hidden_layers"],
                 num_heads=cfg["num_attention_heads"],
                 mlp_dim=cfg["intermediate_size"],
@@ -138,7 +174,8 @@ def student_overrides(cfg: dict[str, Any], path: str = "") -> dict[str, Any]:
   if family == "swin":
     _require(cfg, "hidden_act", ("gelu",), path)
     _require(cfg, "use_absolute_embeddings", (False,), path)
-    return dict(image_size=cfg["image_size"], patch_size=cfg["patch_size"],
+    return dict(image_size=_side(cfg, "image_size", path),
+                patch_size=_side(cfg, "patch_size", path),
                 width=cfg["embed_dim"], depths=tuple(cfg["depths"]),
                 num_heads=tuple(cfg["num_heads"]),
                 window_size=cfg["window_size"], mlp_ratio=cfg["mlp_ratio"],
@@ -157,7 +194,8 @@ def student_overrides(cfg: dict[str, Any], path: str = "") -> dict[str, Any]:
     _require(cfg, "hidden_act", ("relu6",), path)
     _require(cfg, "output_stride", (32,), path)
     _require(cfg, "first_layer_is_expansion", (True,), path)
-    return dict(image_size=cfg["image_size"], width=cfg["depth_multiplier"],
+    return dict(image_size=_side(cfg, "image_size", path),
+                width=cfg["depth_multiplier"],
                 divisor=cfg["depth_divisible_by"], min_depth=cfg["min_depth"],
                 expand_ratio=cfg["expand_ratio"],
                 finegrained_output=cfg["finegrained_output"],
@@ -300,11 +338,7 @@ def load(path: str, *, embed_dim: int | None = None,
     (model, variables) with variables {'params': {...}} plus 'batch_stats'
     for CNNs, parameters boxed with their logical axis names as by `init`.
   """
-  cfg_file = os.path.join(path, "config.json")
-  if not os.path.exists(cfg_file):
-    raise ValueError(f"{cfg_file} not found; pass a Hugging Face model folder.")
-  with open(cfg_file) as f:
-    cfg = json.load(f)
+  cfg = read_config(path)
   family = cfg.get("model_type")
   kwargs = {**student_overrides(cfg, path), **overrides}
   model = students.build(_FAMILIES[family][0], embed_dim=embed_dim,
