@@ -41,5 +41,5 @@ def test_demo_quick_end_to_end(tmp_path):
   assert zs["teacher"]["depth"] < zs["teacher"]["rgb"]
   assert zs["student_fp32"]["depth"] > zs["teacher"]["depth"]
   assert zs["student_int8_static"]["depth"] > zs["teacher"]["depth"]
-  for name in ("export/student_int8.msgpack", "export/text_features.npy"):
-    assert os.path.exists(os.path.join(report["workdirs"]["export"], name))
+  for name in ("weights.msgpack", "text_features.npy", "manifest.json"):
+    assert os.path.exists(os.path.join(report["export_dir"], name))

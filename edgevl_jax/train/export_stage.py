@@ -1,13 +1,11 @@
 """Trainer 'export_stage': the deployable EdgeVL artefact and its size.
 
-Writes into WORKDIR/export/:
-  student_int8.msgpack   served variables of the static-calibrated int8
-                         student (`quant.convert`: int8 kernels + per-channel
-                         scales, frozen activation ranges, fp32 rest),
-  student.json           architecture, embed_dim, input normalisation,
-  text_features.npy      (num_classes, D) L2-normalised class prompts, so the
-                         device needs no text tower,
-  class_names.json       row order of text_features.npy.
+Writes into WORKDIR/export/ the `edgevl_jax.export.artifact` folder:
+the `jax.export` program of the static-calibrated int8 student
+(weights.msgpack: int8 kernels + per-channel scales, frozen activation
+ranges, fp32 rest), text_features.npy ((num_classes, D) L2-normalised class
+prompts, so the device needs no text tower) and manifest.json (class names,
+input normalisation, sizes); plus student.json (the architecture).
 Sizes: the teacher's fp32 image tower, the fp32 student, the int8 student
 (stored bytes, `export.size.model_size`).
 
@@ -23,14 +21,11 @@ import json
 import os
 from typing import Any
 
-import flax
-import jax
-import numpy as np
 
-from edgevl_jax import quant
 from edgevl_jax.eval import artefacts
 from edgevl_jax.eval import quantized
 from edgevl_jax.eval import splits
+from edgevl_jax.export import artifact
 from edgevl_jax.export import size as size_lib
 from edgevl_jax.models import clip_convert
 from edgevl_jax.train import config_utils
@@ -46,13 +41,6 @@ def validate_config(config: Any) -> None:
     config_utils.require(config, key, types=str)
   for key in ("image_size", "calibration_batch_size", "calibration_batches"):
     config_utils.require_positive(config, key, integer=True)
-
-
-def _write_bytes(path: str, blob: bytes) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
-    f.write(blob)
-  os.replace(tmp, path)
 
 
 def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
@@ -75,36 +63,17 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
       image_size=config.image_size, batch_size=config.calibration_batch_size,
       num_batches=config.calibration_batches, seed=config.seed,
       indices=indices, crop_scale=tuple(config.crop_scale))
-  _, variables, embed_static = quantized.static_student(meta, params, calib)
-  spec = quant.int8(calibration="static")
-  m_cvt = artefacts.build_student(meta, spec.replace(phase="convert"))
-  served = quant.convert(m_cvt.apply, variables, calib[0][:1])
-  served = jax.tree.map(np.asarray, jax.device_get(served))
-
-  # The served model must embed like the calibrated fake-quant model.
-  m_srv = artefacts.build_student(meta, spec.replace(phase="serve"))
-  norm = artefacts.normalizer(meta["normalization"])
-  probe = np.asarray(calib[0][:8])
-  served_emb = np.asarray(jax.jit(lambda v, x: quant.serve_apply(
-      m_srv.apply, v, x))(served, probe))
-  fake_emb = np.asarray(jax.jit(lambda x: artefacts.build_student(
-      meta, spec).apply(variables, x))(probe))
-  del norm
-  max_diff = float(np.max(np.abs(served_emb - fake_emb)))
-
-  _write_bytes(os.path.join(out, "student_int8.msgpack"),
-               flax.serialization.msgpack_serialize(served))
-  np.save(os.path.join(out, "text_features.npy"), text)
-  metrics_lib.atomic_write_text(os.path.join(out, "class_names.json"),
-                                json.dumps(list(info.class_names)))
-  metrics_lib.atomic_write_text(
-      os.path.join(out, "student.json"),
-      json.dumps({**meta, "quant": "int8_static"}, indent=2))
   teacher_bytes = size_lib.teacher_image_tower_size(
       clip_convert.load_config(teacher_folder))["bytes_fp32"]
+  manifest = artifact.export_from_student(
+      out, meta=meta, params=params, calibration_batches=calib,
+      text_features=text, class_names=list(info.class_names),
+      teacher_bytes=int(teacher_bytes))
   student_fp32 = size_lib.model_size({"params": params})["bytes"]
-  student_int8 = size_lib.model_size(served)["bytes"]
-  del embed_static
+  student_int8 = int(manifest["bytes"]["student_int8"])
+  metrics_lib.atomic_write_text(
+      os.path.join(workdir, "student.json"),
+      json.dumps({**meta, "quant": "int8_static"}, indent=2))
   report = {
       "export_dir": out,
       "model_bytes": {"teacher_fp32": int(teacher_bytes),
@@ -113,9 +82,10 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
                       "text_features": int(text.nbytes)},
       "compression": {"fp32": teacher_bytes / student_fp32,
                       "int8": teacher_bytes / student_int8},
-      "export": {"served_vs_fake_quant_max_abs_diff": max_diff,
-                 "num_classes": int(text.shape[0]),
-                 "embed_dim": int(text.shape[1])},
+      "export": {"num_classes": int(text.shape[0]),
+                 "embed_dim": int(text.shape[1]),
+                 "batch_sizes": manifest["batch_sizes"],
+                 "files": sorted(os.listdir(out))},
   }
   with metrics_lib.MetricWriter(workdir, tensorboard=False,
                                 progress=False) as writer:
