@@ -69,14 +69,29 @@ def test_splits_sizes_fields_and_readable_captions(tiny_dir):
 
 
 def test_generation_is_deterministic_in_the_seed():
-  a = list(render.generate(30, 16, seed=(5, 0)))
-  b = list(render.generate(30, 16, seed=(5, 0)))
-  c = list(render.generate(30, 16, seed=(6, 0)))
+  a = list(render.generate(30, 16, seed=(5, 0), depth_holes=1.0))
+  b = list(render.generate(30, 16, seed=(5, 0), depth_holes=1.0))
+  c = list(render.generate(30, 16, seed=(6, 0), depth_holes=1.0))
   for x, y in zip(a, b):
     np.testing.assert_array_equal(x[1], y[1])
     np.testing.assert_array_equal(x[2], y[2])
     assert x[3:] == y[3:]
   assert any(not np.array_equal(x[1], z[1]) for x, z in zip(a, c))
+  holes = np.mean([np.mean(x[2] == 0) for x in a])
+  assert 0.01 < holes < 0.4  # sensor-like holes, not an erased image
+
+
+def test_sensor_holes_sit_on_depth_edges_not_on_smooth_floor():
+  s = render.sample_scenes(np.random.default_rng(1), np.full(8, 1))
+  _, depth = render.render(s, 32)
+  out = render.sensor_artifacts(depth, np.random.default_rng(0), 1.0)
+  assert np.array_equal(render.sensor_artifacts(depth, None, 0.0), depth)
+  floor_rows = out[:, -6:]  # near floor: smooth, only patch dropouts
+  assert np.mean(floor_rows == 0) < 0.15
+  far_jump = np.abs(np.diff(depth, axis=2)) > 0.5  # object silhouettes
+  edge_px = np.zeros_like(depth, bool)
+  edge_px[:, :, 1:] |= far_jump
+  assert np.mean(out[edge_px] == 0) > 0.4
 
 
 def test_depth_is_aligned_with_rgb_object_silhouette():
@@ -97,8 +112,8 @@ def test_depth_is_aligned_with_rgb_object_silhouette():
   assert rgb.shape == (6, 32, 32, 3) and rgb.dtype == np.uint8
 
 
-def _split_arrays(n, size, seed):
-  out = list(render.generate(n, size, seed=seed))
+def _split_arrays(n, size, seed, holes=0.0):
+  out = list(render.generate(n, size, seed=seed, depth_holes=holes))
   depth = np.stack([o[2] for o in out])
   labels = np.array([o[3] for o in out])
   rgb = np.stack([o[1] for o in out])
@@ -131,6 +146,15 @@ def test_class_lives_in_geometry_nearest_centroid_probe_on_depth():
         f"(chance {1 / k:.3f})")
   assert acc > 3.0 / k
   assert acc > acc_rgb + 0.1
+  # With the default sensor holes the class is still in the depth geometry.
+  _, h_tr, _ = _split_arrays(600, 16, (11, 0), holes=1.0)
+  _, h_te, _ = _split_arrays(240, 16, (11, 2), holes=1.0)
+  h_tr, h_te = _unit(h_tr), _unit(h_te)
+  hc = np.stack([h_tr[y_tr == c].mean(0) for c in range(k)])
+  acc_holes = float(np.mean(
+      ((h_te[:, None] - hc[None]) ** 2).sum(-1).argmin(1) == y_te))
+  print(f"nearest-centroid probe on depth with holes: {acc_holes:.3f}")
+  assert acc_holes > 3.0 / k
   # Per-class statistic: fraction of near pixels (object area) differs.
   near = (x_tr < 0.35).mean(1)
   per_class = np.array([near[y_tr == c].mean() for c in range(k)])

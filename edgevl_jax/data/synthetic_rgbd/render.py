@@ -242,6 +242,42 @@ def render(s: dict, image_size: int) -> tuple[np.ndarray, np.ndarray]:
   return rgb, flat.reshape(b, image_size, image_size)
 
 
+def sensor_artifacts(depth: np.ndarray, rng: np.random.Generator,
+                     strength: float = 1.0) -> np.ndarray:
+  """Real-sensor depth defects: holes (0) at depth edges, dropouts, noise.
+
+  Structured-light and time-of-flight sensors return no depth in the
+  shadow of depth discontinuities and on scattered small patches, and are
+  noisier far away. These defects exist only in the depth modality, which
+  is what makes depth look unlike any RGB image to a model trained on RGB,
+  while the geometry, and so the class, stays readable.
+
+  Args:
+    depth: float32 (B, H, W) metres.
+    rng: randomness of the defects.
+    strength: scales every hole probability; 0 returns depth unchanged.
+
+  Returns:
+    float32 (B, H, W); 0 marks a missing measurement.
+  """
+  if strength <= 0:
+    return depth
+  b, h, w = depth.shape
+  # A discontinuity is where depth departs from the average of its two
+  # neighbours (second difference); smooth surfaces such as the receding
+  # floor have large first but small second differences.
+  pad = np.pad(depth, ((0, 0), (1, 1), (1, 1)), mode="edge")
+  lap_h = np.abs(2 * depth - pad[:, 1:-1, :-2] - pad[:, 1:-1, 2:])
+  lap_v = np.abs(2 * depth - pad[:, :-2, 1:-1] - pad[:, 2:, 1:-1])
+  edge = np.maximum(lap_h, lap_v) > 0.1 * depth
+  holes = edge & (rng.random(depth.shape) < min(1.0, 0.7 * strength))
+  cell = max(1, h // 16)
+  coarse = rng.random((b, -(-h // cell), -(-w // cell))) < 0.06 * strength
+  blobs = np.kron(coarse, np.ones((cell, cell), bool))[:, :h, :w]
+  noisy = depth * (1 + rng.normal(0, 0.01, depth.shape)).astype(np.float32)
+  return np.where(holes | blobs, 0.0, noisy).astype(np.float32)
+
+
 def _article(word: str) -> str:
   return "an" if word[0] in "aeiou" else "a"
 
@@ -271,12 +307,13 @@ def caption(s: dict, i: int, rng: np.random.Generator) -> str:
 
 def generate(num_examples: int, image_size: int, seed: int | Sequence[int],
              num_classes: int = len(geometry.CLASS_NAMES),
-             chunk: int = 1024):
+             chunk: int = 1024, depth_holes: float = 0.0):
   """Yields (index, rgb, depth, label, caption) for a whole split, in order.
 
   Deterministic in (num_examples, image_size, seed). Labels are balanced
   (a shuffled repeat of 0..num_classes-1). Scenes are rendered in chunks of
   `chunk` consecutive examples, grouped by class inside a chunk.
+  `depth_holes` > 0 adds sensor artifacts (see `sensor_artifacts`).
   """
   entropy = [int(x) for x in np.atleast_1d(seed)]
   rng = np.random.default_rng(entropy + [0])
@@ -291,6 +328,9 @@ def generate(num_examples: int, image_size: int, seed: int | Sequence[int],
       rows = start + np.nonzero(labels[start:stop] == c)[0]
       sub = {k: v[rows] for k, v in params.items()}
       rgb[rows - start], depth[rows - start] = render(sub, image_size)
+    if depth_holes > 0:
+      depth = sensor_artifacts(depth, np.random.default_rng(
+          entropy + [2, start]), depth_holes)
     for i in range(start, stop):
       yield (i, rgb[i - start], depth[i - start], int(labels[i]),
              caption(params, i, cap_rng))

@@ -1,7 +1,7 @@
 """TFDS builder of the synthetic RGB-D dataset (no download, no TensorFlow).
 
 Each example is a procedurally rendered scene (render.py): the RGB image, the
-aligned depth map, the geometry class, a caption naming the class and the
+aligned depth map (uint16 millimetres, 0 = missing, with sensor-like holes), the geometry class, a caption naming the class and the
 nuisance attributes, and the example's position in its split. Tensors are
 stored raw (uint8 RGB, uint16 millimetre depth) in array_record files, so
 `tfds.data_source` reads them without TensorFlow.
@@ -31,12 +31,17 @@ class SyntheticRgbdConfig(tfds.core.BuilderConfig):
     image_size: height = width of both modalities, pixels.
     num_train / num_validation / num_test: examples per split.
     seed: every split is a deterministic function of (seed, split).
+    depth_holes: strength of real-sensor depth defects (holes stored as 0
+      at depth edges and in small patches, 1 % noise); 0 gives clean depth.
+      They exist only in depth, which is what makes depth unlike any RGB
+      image for a model trained on RGB (render.sensor_artifacts).
   """
   image_size: int = 32
   num_train: int = 4800
   num_validation: int = 600
   num_test: int = 1200
   seed: int = 0
+  depth_holes: float = 1.0
 
   def split_sizes(self) -> dict[str, int]:
     return {"train": self.num_train, "validation": self.num_validation,
@@ -44,21 +49,23 @@ class SyntheticRgbdConfig(tfds.core.BuilderConfig):
 
 
 def make_config(*, image_size: int, num_train: int, num_validation: int,
-                num_test: int, seed: int = 0) -> SyntheticRgbdConfig:
+                num_test: int, seed: int = 0,
+                depth_holes: float = 1.0) -> SyntheticRgbdConfig:
   """A custom-sized config; its name encodes every field (one data folder)."""
   name = (f"custom_{image_size}px_{num_train}_{num_validation}_{num_test}"
-          f"_seed{seed}")
+          f"_seed{seed}_holes{depth_holes:g}")
   return SyntheticRgbdConfig(
       name=name, description="custom size", image_size=image_size,
       num_train=num_train, num_validation=num_validation, num_test=num_test,
-      seed=seed)
+      seed=seed, depth_holes=depth_holes)
 
 
 class Builder(tfds.core.GeneratorBasedBuilder):
   """Rendered RGB-D scenes whose class is carried by geometry only."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Sphere-traced scenes, 12 geometry classes."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "Sphere-traced scenes, 12 geometry classes.",
+                   "1.1.0": "Depth-sensor holes and noise (depth_holes)."}
   BUILDER_CONFIGS = [
       SyntheticRgbdConfig(name="demo", description="32 px, CPU demo size."),
       SyntheticRgbdConfig(name="demo48", description="48 px demo size.",
@@ -115,7 +122,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     cfg = self.builder_config
     seed = (cfg.seed, SPLITS.index(split))
     for i, rgb, depth, label, caption in render.generate(
-        num_examples, cfg.image_size, seed):
-      mm = np.clip(np.round(depth * DEPTH_SCALE), 1, 65535).astype(np.uint16)
+        num_examples, cfg.image_size, seed, depth_holes=cfg.depth_holes):
+      # 0 = no measurement (a hole), as in real sensors' depth PNGs.
+      mm = np.clip(np.round(depth * DEPTH_SCALE), 0, 65535).astype(np.uint16)
       yield i, {"rgb": rgb, "depth": mm, "label": label, "caption": caption,
                 "index": i}
