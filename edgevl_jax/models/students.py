@@ -9,6 +9,10 @@
 
 With `train=True`, BatchNorm (CNNs) uses batch statistics and needs
 `mutable=['batch_stats']`; drop-path (ViT, Swin) needs a 'dropout' rng.
+`init` of a CNN also returns the 'bn_stats' collection (input moments sown by
+`layers.BatchNorm`, see there); keep only 'params' and 'batch_stats'.
+Parameters that take no weight decay in EdgeVL are the leaves named 'bias',
+'scale', 'cls_token', 'pos_embed' and 'relative_position_bias_table'.
 ImageNet initialisation: `load_hf(path, embed_dim=D)` reads a Hugging Face
 ViT / Swin / ResNet / MobileNetV2 folder (see `hf_students.py`).
 """
