@@ -3,6 +3,7 @@ the analysis notebook."""
 import json
 import os
 
+import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -83,6 +84,9 @@ def test_features_and_evaluator(tmp_path):
   ev = cka_evaluator.CKAEvaluator(t_fn, images=images, pairs=[(0, 0), (2, 3)])
   out = ev.run(s_fn)
   assert set(out) == {"cka/t0_s0", "cka/t2_s3"}
+  compiled = features.stage_fn(s_model, kind="student",
+                               normalization="imagenet")
+  assert ev.run(compiled, s_vars) == pytest.approx(out, rel=1e-6)
   want = float(cka_lib.cka(t["block3"], s["stage4"]))
   assert out["cka/t2_s3"] == pytest.approx(want, rel=1e-5)
   # Teacher vs itself: the diagonal of its own matrix is 1.
@@ -103,8 +107,20 @@ def test_cka_trainer_writes_heatmaps(tmp_path):
       "cka_config", os.path.join(REPO, "configs", "cka.py"))
   cfg_mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(cfg_mod)
+  # A student saved the way the EdgeVL stages save theirs.
+  from edgevl_jax.eval import artefacts
+  meta = {"name": "vit_ti16", "embed_dim": 8, "normalization": "clip",
+          "image_size": 16, "overrides": dict(
+              image_size=16, patch_size=4, width=16, depth=2, num_heads=2)}
+  student = artefacts.build_student(meta)
+  params = flax.linen.unbox(jax.jit(student.init)(
+      jax.random.key(3), jnp.zeros((1, 16, 16, 3))))["params"]
+  os.makedirs(tmp_path / "student")
+  artefacts.save_student(str(tmp_path / "student"), meta=meta,
+                         params=params)
   config = cfg_mod.get_config(
-      f"quick,data_dir={tmp_path / 'tfds'},teacher={tmp_path / 'clip'}")
+      f"quick,data_dir={tmp_path / 'tfds'},teacher={tmp_path / 'clip'},"
+      f"student={tmp_path / 'student'}")
   _tiny_clip_folder(str(tmp_path / "clip"))
   work = str(tmp_path / "run")
   report = cka_trainer.train_and_evaluate(config, work)

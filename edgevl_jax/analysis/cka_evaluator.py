@@ -1,7 +1,8 @@
 """CKA between teacher and student stages, as a training-time evaluator.
 
     ev = CKAEvaluator(teacher_fn, images=heldout, pairs=[(0, 3), (3, 3)])
-    metrics.update(ev.run(student_fn))   # {'cka/t0_s3': 0.41, ...}
+    fn = features.stage_fn(student, kind='student')      # compiled once
+    metrics.update(ev.run(fn, state.variables))   # {'cka/t0_s3': 0.41, ...}
 
 The teacher features of the fixed held-out batch are computed once at
 construction (the teacher is frozen); each `run` computes the student's
@@ -48,9 +49,20 @@ class CKAEvaluator:
     self._cka = jax.jit(lambda x, y: cka_lib.cka(
         x, y, kernel=kernel, unbiased=unbiased, sigma=sigma))
 
-  def run(self, student_fn: FeatureFn) -> dict[str, float]:
-    """{'cka/t{i}_s{j}': value} for the student's current parameters."""
-    student = list(student_fn(self.images).values())
+  def _student(self, student_fn: Callable[..., Mapping[str, jax.Array]],
+               variables: Any) -> list[jax.Array]:
+    out = (student_fn(self.images) if variables is None
+           else student_fn(variables, self.images))
+    return list(out.values())
+
+  def run(self, student_fn: Callable[..., Mapping[str, jax.Array]],
+          variables: Any = None) -> dict[str, float]:
+    """{'cka/t{i}_s{j}': value} for the student's current parameters.
+
+    `student_fn` is images -> stages (`features.feature_fn`), or, with
+    `variables`, (variables, images) -> stages (`features.stage_fn`).
+    """
+    student = self._student(student_fn, variables)
     pairs = self.pairs or [(i, j) for i in range(len(self.teacher))
                            for j in range(len(student))]
     out = {}
@@ -62,8 +74,9 @@ class CKAEvaluator:
       out[f"cka/t{i}_s{j}"] = float(self._cka(self.teacher[i], student[j]))
     return out
 
-  def matrix(self, student_fn: FeatureFn) -> np.ndarray:
+  def matrix(self, student_fn: Callable[..., Mapping[str, jax.Array]],
+             variables: Any = None) -> np.ndarray:
     """The full (teacher stages, student stages) CKA matrix."""
-    student = list(student_fn(self.images).values())
+    student = self._student(student_fn, variables)
     return np.array([[float(self._cka(t, s)) for s in student]
                      for t in self.teacher])

@@ -72,14 +72,18 @@ def student_stages(model: Any, variables: Mapping[str, Any],
           for j, f in enumerate(out["stages"])}
 
 
-def feature_fn(model: Any, variables: Mapping[str, Any], *, kind: str,
-               normalization: str | None = "clip",
-               blocks: Sequence[int] | None = None, pooled: bool = False
-               ) -> Callable[[jax.Array], dict[str, jax.Array]]:
-  """A jitted images01 (B, H, W, 3) -> {stage name: (B, p)} function.
+def stage_fn(model: Any, *, kind: str, normalization: str | None = "clip",
+             blocks: Sequence[int] | None = None, pooled: bool = False
+             ) -> Callable[[Mapping[str, Any], jax.Array],
+                           dict[str, jax.Array]]:
+  """A jitted (variables, images01 (B, H, W, 3)) -> {stage: (B, p)} function.
+
+  Variables are an argument, not a constant of the compiled function, so a
+  training loop calls the same compiled function with new parameters (and a
+  large teacher is never folded into the program).
 
   Args:
-    model, variables: the teacher (`clip.CLIP`) or a student.
+    model: the teacher (`clip.CLIP`) or a student.
     kind: 'teacher' or 'student'.
     normalization: 'clip' / 'imagenet' statistics applied to [0, 1] images,
       or None when images are already model inputs.
@@ -91,9 +95,9 @@ def feature_fn(model: Any, variables: Mapping[str, Any], *, kind: str,
   if kind == "student" and blocks is not None:
     raise ValueError("blocks selects teacher encoder blocks; students always "
                      "give their four stages (drop blocks for kind='student').")
-  variables = dict(variables)
 
-  def fn(images: jax.Array) -> dict[str, jax.Array]:
+  def fn(variables: Mapping[str, Any], images: jax.Array
+         ) -> dict[str, jax.Array]:
     x = images if normalization is None else preprocess.normalize(
         images, normalization)
     if kind == "teacher":
@@ -101,6 +105,17 @@ def feature_fn(model: Any, variables: Mapping[str, Any], *, kind: str,
     return student_stages(model, variables, x, pooled=pooled)
 
   return jax.jit(fn)
+
+
+def feature_fn(model: Any, variables: Mapping[str, Any], *, kind: str,
+               normalization: str | None = "clip",
+               blocks: Sequence[int] | None = None, pooled: bool = False
+               ) -> Callable[[jax.Array], dict[str, jax.Array]]:
+  """`stage_fn` with fixed variables: images01 -> {stage name: (B, p)}."""
+  fn = stage_fn(model, kind=kind, normalization=normalization, blocks=blocks,
+                pooled=pooled)
+  variables = dict(variables)
+  return lambda images: fn(variables, images)
 
 
 def modality_images(batch: Mapping[str, Any], modality: str,
