@@ -149,13 +149,15 @@ def main() -> None:
             f"{row.get('seconds', float('nan')):8.2f} s "
             f"{row.get('peak_mb', float('nan')):9.1f} MB "
             f"cka={row.get('cka', float('nan')):.4f}", flush=True)
-  print("\n| method | n | p | seconds | peak MB | CKA |\n|---|---|---|---|---|---|")
+  print("\n| method | n | p | seconds | peak MB | CKA |")
+  print("|---|---|---|---|---|---|")
   for r in rows:
     print(f"| {r['method']} | {r['n']} | {r['p']} | {r.get('seconds', 0):.2f}"
           f" | {r.get('peak_mb', 0):.0f} | {r.get('cka', float('nan')):.4f} |")
   if stopped:
     print(f"gram stopped at n={stopped['n']}: predicted "
-          f"{stopped['predicted_gb']:.1f} GB > budget {stopped['budget_gb']} GB")
+          f"{stopped['predicted_gb']:.1f} GB > budget "
+          f"{stopped['budget_gb']} GB")
   save()
   print(f"wrote {args.json}")
 

@@ -56,7 +56,7 @@ def teacher_block_names(num_blocks: int,
 def teacher_stages(model: Any, variables: Mapping[str, Any],
                    images: jax.Array, *, blocks: Sequence[int] | None = None,
                    pooled: bool = False) -> dict[str, jax.Array]:
-  """CLIP vision blocks: normalised images (B, H, W, 3) -> {'block{i}': (B, p)}."""
+  """CLIP vision blocks: normalised (B, H, W, 3) -> {'block{i}': (B, p)}."""
   out = model.apply(dict(variables), images, method="image_features")
   stages = out["stages"]
   names = teacher_block_names(len(stages), blocks)

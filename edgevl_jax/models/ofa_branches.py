@@ -235,7 +235,8 @@ class OFABranches(nn.Module):
     out = []
     for s in self.stages:
       if not 1 <= s <= len(self.stage_shapes):
-        raise ValueError(f"OFA stage {s} out of range 1..{len(self.stage_shapes)}.")
+        raise ValueError(f"OFA stage {s} out of range "
+                         f"1..{len(self.stage_shapes)}.")
       branch = make_branch(self.stage_shapes[s - 1],
                            final_shape=self.stage_shapes[-1],
                            num_classes=self.num_classes,
