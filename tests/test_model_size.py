@@ -79,21 +79,35 @@ def test_swin_t_int8_is_about_140x_smaller_than_vit_g14():
   assert 135 < teacher_bytes / s["bytes_int8"] < 145
 
 
-def test_abstract_served_size_equals_real_converted_bytes():
-  spec = quant.int8("static")
-  kw = dict(image_size=32, patch_size=8, depth=2, width=32, num_heads=2)
-  model = students.build("vit_ti16", embed_dim=16, **kw)
+_TINY = {
+    "vit_ti16": dict(image_size=32, patch_size=8, depth=2, width=32,
+                     num_heads=2),
+    "resnet18": dict(image_size=32, widths=(8, 16, 16, 16), stem_width=8),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_TINY))
+def test_served_student_matches_fake_quant_and_abstract_size(name):
+  spec, kw = quant.int8("static"), _TINY[name]
+  model = students.build(name, embed_dim=16, **kw)
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
   variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
+  variables = {k: v for k, v in variables.items()
+               if k in ("params", "batch_stats")}
   build = lambda phase: students.build(
-      "vit_ti16", embed_dim=16, quant=spec.replace(phase=phase), **kw)
+      name, embed_dim=16, quant=spec.replace(phase=phase), **kw)
   variables = quant.calibrate(build("calibrate").apply, variables, [x])
   served = quant.convert(build("convert").apply, variables, x)
-  predicted = size.student_size("vit_ti16", embed_dim=16, spec=spec, **kw)
+  out = jax.jit(lambda v, x: quant.serve_apply(build("serve").apply, v, x))(
+      served, x)
+  fake = jax.jit(build("train").apply)(variables, x)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(fake), rtol=1e-4,
+                             atol=1e-4)
+  predicted = size.student_size(name, embed_dim=16, spec=spec, **kw)
   assert predicted["bytes_int8"] == quant.served_nbytes(served)["total"]
-  # ViT: patch conv + 4 dense per block + head are all quantised.
-  assert predicted["quantised_weights"] == (
-      3 * 8 * 8 * 32 + 2 * (4 * 32 * 32 + 2 * 32 * 128) + 32 * 16)
+  if name == "vit_ti16":  # patch conv + 4 dense per block + head
+    assert predicted["quantised_weights"] == (
+        3 * 8 * 8 * 32 + 2 * (4 * 32 * 32 + 2 * 32 * 128) + 32 * 16)
 
 
 def test_int4_counts_half_a_byte():

@@ -182,6 +182,10 @@ def student_size(name: str, *, embed_dim: int | None, spec: Any = None,
   int_leaves = [l for l in jax.tree.leaves(served[quant.AQT_COLLECTION])
                 if jnp.issubdtype(l.dtype, jnp.integer)]
   n_q = sum(int(np.prod(l.shape)) for l in int_leaves)
+  # Sown collections (e.g. BatchNorm input moments) are not model state.
+  keep = ("params", "batch_stats", quant.AQT_COLLECTION, quant.QUANT_STATS)
+  fp32 = {k: v for k, v in fp32.items() if k in keep}
+  served = {k: v for k, v in served.items() if k in keep}
   params = model_size(fp32["params"])["params"]
   return {
       "params": params,

@@ -196,5 +196,6 @@ def served_nbytes(served: Variables) -> dict[str, int]:
         out["float_params"] += arr.nbytes
   out["total"] = out["int_weights"] + out["scales"] + out["float_params"]
   host = jax.tree.map(np.asarray, flax.linen.meta.unbox(served))
-  out["msgpack"] = len(flax.serialization.msgpack_serialize(host))
+  out["msgpack"] = len(flax.serialization.msgpack_serialize(
+      flax.serialization.to_state_dict(host)))
   return out
