@@ -24,6 +24,7 @@ arguments replays the same batches, and `iterator.get_state()` /
 """
 from typing import Any, Sequence
 
+from absl import flags
 import grain
 import jax
 import numpy as np
@@ -121,6 +122,10 @@ def _check_sizes(batch_size: int, image_size: int) -> None:
 
 
 def _loader(source, ops, *, shuffle, seed, num_epochs, shard, worker_count):
+  if worker_count and not flags.FLAGS.is_parsed():
+    # grain worker processes read absl flags; scripts outside absl.app
+    # (notebooks, tests) have not parsed them, so take the defaults.
+    flags.FLAGS.mark_as_parsed()
   sampler = grain.samplers.IndexSampler(
       num_records=len(source), shard_options=shard, shuffle=shuffle,
       num_epochs=num_epochs, seed=seed)
