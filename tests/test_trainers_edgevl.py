@@ -222,3 +222,18 @@ def test_demo_config_validates_every_stage():
   assert all(s.seed == 7 for s in config.stages)
   with pytest.raises(ValueError, match="Unknown config arg"):
     module.get_config("epochs=3")
+
+
+def test_text_sampler_prompts_and_determinism():
+  from edgevl_jax.data import info as info_lib
+  info = info_lib.get_info("synthetic_rgbd")
+  batch = {"caption": np.array(["a red cube.", "a blue cone."] * 8),
+           "label": np.array([1, 3] * 8), "index": np.arange(16)}
+  assert clip_pretrain.TextSampler(info, 0.0, 0)(batch) == list(
+      batch["caption"])
+  prompts = clip_pretrain.TextSampler(info, 1.0, 0)(batch)
+  assert all(info.class_names[l] in p for p, l in zip(prompts,
+                                                      batch["label"]))
+  half = clip_pretrain.TextSampler(info, 0.5, 3)
+  assert half(batch) == half(batch)
+  assert 0 < sum(t in batch["caption"] for t in half(batch)) < 16

@@ -12,6 +12,7 @@ temperature exp(logit_scale) clipped at 100.
 
 Config keys: dataset, data_dir, data_config, image_size, seed, batch_size,
 num_steps, optim, crop_scale, normalization ('clip'), init_from (optional),
+prompt_fraction (share of captions replaced by class prompts, default 0),
 model.{vision_width, vision_layers, vision_heads, patch_size, text_width,
 text_layers, text_heads, projection_dim, max_length, vocab_size,
 hidden_act}, eval_batch_size, log_every, ckpt_every.
@@ -52,6 +53,10 @@ def validate_config(config: Any) -> None:
   for key in ("image_size", "batch_size", "num_steps"):
     config_utils.require_positive(config, key, integer=True)
   config_utils.require(config, "normalization", allowed=("clip", "imagenet"))
+  frac = config.get("prompt_fraction", 0.0)
+  if not isinstance(frac, (int, float)) or not 0 <= frac <= 1:
+    raise ValueError(f"config.prompt_fraction must be in [0, 1], found "
+                     f"{frac!r}.")
   state_lib.validate_optim_config(config.optim)
   if not config_utils.get(config, "init_from"):
     model = config_utils.require(config, "model")
@@ -113,6 +118,38 @@ def make_train_step(model: Any, norm: Any):
   return train_step
 
 
+class TextSampler:
+  """The text of each image: its caption, or a class prompt.
+
+  With probability `prompt_fraction` a caption is replaced by a random
+  prompt template filled with the class name (what a web caption would say
+  about the object), so the text tower ties the class name to the image
+  instead of only the colour words that dominate the synthetic captions.
+  The draws depend on (seed, the batch's example indices) only, so a
+  resumed run replays them.
+  """
+
+  def __init__(self, info: Any, prompt_fraction: float, seed: int):
+    self.info, self.fraction, self.seed = info, float(prompt_fraction), seed
+
+  def __call__(self, batch: dict[str, Any]) -> list[str]:
+    captions = [str(c) for c in batch["caption"]]
+    if self.fraction <= 0:
+      return captions
+    index = np.asarray(batch["index"], np.int64)
+    rng = np.random.default_rng(
+        [int(self.seed), int(index.sum()), int(index[0]), int(index[-1])])
+    out = []
+    for caption, label in zip(captions, np.asarray(batch["label"])):
+      if rng.random() < self.fraction:
+        t = self.info.prompt_templates[
+            rng.integers(len(self.info.prompt_templates))]
+        out.append(t.format(self.info.class_names[int(label)]))
+      else:
+        out.append(caption)
+    return out
+
+
 def _captions(source: Any) -> list[str]:
   return [source[i]["caption"] for i in range(len(source))]
 
@@ -164,9 +201,10 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
       train_step, in_shardings=(state_sh, batch_sh),
       out_shardings=(state_sh, mesh_lib.replicated(mesh)), donate_argnums=0)
 
+  texts = TextSampler(info, config.get("prompt_fraction", 0.0), config.seed)
+
   def prepare(batch):
-    ids_, mask_ = clip.tokenize(tokenizer, list(batch["caption"]),
-                                max_length=max_length)
+    ids_, mask_ = clip.tokenize(tokenizer, texts(batch), max_length=max_length)
     return mesh_lib.shard_batch({"rgb": batch["rgb"], "input_ids": ids_,
                                  "attention_mask": mask_}, mesh)
 
