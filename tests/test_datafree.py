@@ -84,3 +84,160 @@ def test_teacher_bn_moments_pairs_layers_in_execution_order():
   np.testing.assert_allclose(running[0][1], np.ones(2))
   with pytest.raises(ValueError, match="running statistics"):
     datafree.teacher_bn_moments(mutated[layers.BN_STATS], {})
+
+
+# --- steps and a short run on tiny random teachers --------------------------
+
+import ml_collections  # noqa: E402
+
+from edgevl_jax.models import multihead  # noqa: E402
+from edgevl_jax.models import students  # noqa: E402
+from edgevl_jax.models import generator as generator_lib  # noqa: E402
+from edgevl_jax.train import datafree_kd  # noqa: E402
+from edgevl_jax.train import mesh as mesh_lib  # noqa: E402
+
+_TRUNK = dict(stage_sizes=(1, 1, 1, 1), widths=(4, 8, 8, 16), stem_width=4,
+              cifar_stem=True, image_size=16)
+_K = 4
+
+
+def _setup(batch_size=16, **loss):
+  config = ml_collections.ConfigDict(dict(
+      seed=0, batch_size=batch_size, epochs=4, iters_per_epoch=5,
+      student_steps=5,
+      student_optim=dict(name="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4,
+                         schedule="step", milestones=(3,)),
+      generator_optim=dict(name="adam", lr=1e-3, schedule="step",
+                           milestones=(3,)),
+      generator=dict(image_size=32),
+      loss=dict(w_feat=0.2, w_ens=5.0, w_bn=0.1, bn_first_weight=5.0, **loss)))
+  mesh = mesh_lib.make_mesh()
+  teacher = students.build("resnet18", embed_dim=_K, **_TRUNK)
+  images = jnp.zeros((1, 16, 16, 3))
+  stacked = jax.tree.map(
+      lambda *xs: jnp.stack(xs),
+      *[teacher.init(jax.random.key(10 + i, impl="rbg"), images,
+                     mutable=["params", "batch_stats"]) for i in range(2)])
+  stacked = nn.unbox(stacked)
+  student = multihead.build("resnet18", num_heads=2, num_classes=_K, **_TRUNK)
+  gen = generator_lib.DeconvGenerator(start_size=1, channels=(8, 8, 8, 8, 8),
+                                      nz=16)
+  config.generator.image_size = 16
+  state, state_sh = datafree_kd.create_state(config, student, gen, mesh)
+  steps = datafree_kd.make_steps(config, student, gen, teacher, mesh)
+  return config, state, state_sh, steps, stacked, mesh
+
+
+def _changed(a, b):
+  return [not np.array_equal(x, y) for x, y in
+          zip(jax.tree.leaves(a), jax.tree.leaves(b))]
+
+
+@pytest.mark.slow
+def test_each_step_moves_only_its_own_parameters():
+  _, state, _, steps, teachers, _ = _setup()
+  key = jax.random.key(3, impl="rbg")
+  s, g = state.student, state.generator
+  before_s, before_g = jax.device_get((s.variables, g.variables))
+  new_g, metrics = jax.jit(steps.generator_step)(g, s.variables, teachers, key)
+  assert np.isfinite(float(metrics["generator_loss"]))
+  assert all(_changed(before_g["params"], jax.device_get(new_g.params)))
+  new_s, metrics = jax.jit(steps.student_step)(s, g.variables, teachers, key)
+  assert np.isfinite(float(metrics["student_loss"]))
+  assert any(_changed(before_s["params"], jax.device_get(new_s.params)))
+  # Neither step touched the other network (params or batch statistics).
+  assert not any(_changed(before_s, jax.device_get(s.variables)))
+  assert not any(_changed(before_g, jax.device_get(g.variables)))
+  # Gradient of the generator loss exists for the generator only: the
+  # student step's gradient never reaches the generator.
+  assert int(new_g.step) == 1 and int(new_s.step) == 1
+
+
+@pytest.mark.slow
+def test_short_run_raises_agreement_with_teachers():
+  config, state, state_sh, steps, teachers, mesh = _setup()
+  rep = mesh_lib.replicated(mesh)
+  step = jax.jit(steps.iteration, in_shardings=(state_sh, rep),
+                 out_shardings=(state_sh, rep), donate_argnums=0)
+  agreement, losses_ = [], []
+  for _ in range(12):
+    state, metrics = step(state, teachers)
+    agreement.append(float(metrics["agreement"]))
+    losses_.append(float(metrics["student_loss"]))
+  assert int(state.step) == 12 and int(state.student.step) == 60
+  assert np.mean(losses_[-3:]) < np.mean(losses_[:3])
+  assert np.mean(agreement[-3:]) > np.mean(agreement[:3]) + 0.1
+
+
+def test_attention_aggregation_is_softmax_weighted_sum_of_heads():
+  agg = multihead.AttentionAggregator()
+  head_logits = jax.random.normal(jax.random.key(0), (3, 5, 4))
+  params = agg.init(jax.random.key(1), head_logits)["params"]
+  logits, weights = agg.apply({"params": params}, head_logits)
+  w, b = params["fc"]["kernel"][:, 0], params["fc"]["bias"][0]
+  scores = head_logits @ w + b  # (H, B): one Linear(K -> 1) shared by heads
+  expected_w = np.exp(scores) / np.exp(scores).sum(0)
+  np.testing.assert_allclose(weights, expected_w, rtol=1e-5)
+  np.testing.assert_allclose(
+      logits, (expected_w[..., None] * head_logits).sum(0), rtol=1e-5)
+
+
+_DIGITS_WITHOUT_TF = r"""
+import importlib.abc, importlib.machinery, sys
+
+class _Refuse(importlib.abc.Loader):
+  def create_module(self, spec):
+    raise ImportError("tensorflow is blocked")
+  def exec_module(self, module):
+    raise ImportError("tensorflow is blocked")
+
+class _Block(importlib.abc.MetaPathFinder):
+  def find_spec(self, name, path=None, target=None):
+    if name == "tensorflow" or name.startswith("tensorflow."):
+      return importlib.machinery.ModuleSpec(name, _Refuse())
+    return None
+
+sys.meta_path.insert(0, _Block())
+import numpy as np
+from edgevl_jax.data import sklearn_digits
+train = sklearn_digits.load("train", data_dir=sys.argv[1])
+test = sklearn_digits.load("test", data_dir=sys.argv[1])
+assert "tensorflow" not in sys.modules
+print(train.images.shape, test.images.shape, train.images.dtype,
+      np.bincount(train.labels).min(), np.bincount(test.labels).min(),
+      len(np.intersect1d(train.images.reshape(len(train.images), -1)[:, 0],
+                         [])))
+"""
+
+
+def test_digits_builder_prepares_without_tensorflow(tmp_path):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  out = subprocess.run(
+      [sys.executable, "-c", _DIGITS_WITHOUT_TF, str(tmp_path)],
+      capture_output=True, text=True, check=False, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  shapes = out.stdout.strip().splitlines()[-1]
+  # 1797 images split 80/20, stratified: every class in both splits.
+  assert shapes.startswith("(1437, 32, 32, 3) (360, 32, 32, 3) uint8"), shapes
+  per_class_min = [int(v) for v in shapes.split()[-3:-1]]
+  assert per_class_min[0] >= 130 and per_class_min[1] >= 30
+
+
+@pytest.mark.slow
+def test_quick_default_pipeline_writes_report_and_samples(tmp_path):
+  import os  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  sys.path.insert(0, os.path.join(root, "configs"))
+  import datafree_kd as datafree_config  # pylint: disable=g-import-not-at-top
+  from edgevl_jax import main  # pylint: disable=g-import-not-at-top
+  config = datafree_config.get_config(f"quick,data_dir={tmp_path / 'tfds'}")
+  report = main.run(config, str(tmp_path / "run"))
+  acc = report["accuracy"]
+  for key in ("teacher_ensemble", "student_mean_heads", "student_attention"):
+    assert 0.0 <= acc[key] <= 1.0
+  assert len(acc["teacher_each"]) == 2 and len(acc["student_each_head"]) == 2
+  assert acc["teacher_ensemble"] > 0.5  # real teachers, trained one epoch
+  assert os.path.getsize(report["samples_png"]) > 0
+  assert report["stages"]["datafree_kd"]["iterations"] == 4
