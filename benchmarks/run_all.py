@@ -26,7 +26,8 @@ RESULTS = os.path.join(HERE, "results")
 # name -> (quick flags, full flags). `--json` is added by the runner.
 BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "sharding_memory": ([], []),
-    "student_latency": (["--quick"], []),
+    "student_latency": (
+        ["--quick", "--students=vit_ti16,resnet18", "--batches=1,8"], []),
     "teacher_throughput": (
         ["--batch=2", "--image-size=64", "--layers=2", "--warmup=1",
          "--iters=2"], []),
