@@ -172,7 +172,7 @@ def test_short_run_raises_agreement_with_teachers():
 def test_attention_aggregation_is_softmax_weighted_sum_of_heads():
   agg = multihead.AttentionAggregator()
   head_logits = jax.random.normal(jax.random.key(0), (3, 5, 4))
-  params = agg.init(jax.random.key(1), head_logits)["params"]
+  params = nn.unbox(agg.init(jax.random.key(1), head_logits))["params"]
   logits, weights = agg.apply({"params": params}, head_logits)
   w, b = params["fc"]["kernel"][:, 0], params["fc"]["bias"][0]
   scores = head_logits @ w + b  # (H, B): one Linear(K -> 1) shared by heads

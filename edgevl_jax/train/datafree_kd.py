@@ -269,7 +269,7 @@ def _attention(config: Any, head_logits_train: np.ndarray,
       :max(1, int(round(fraction * n)))]
   x, y = jnp.asarray(head_logits_train[:, picked]), jnp.asarray(labels[picked])
   agg = multihead.AttentionAggregator()
-  params = agg.init(jax.random.key(config.seed), x)["params"]
+  params = nn.unbox(agg.init(jax.random.key(config.seed), x))["params"]
   tx = optax.adam(float(config_utils.get(config, "attention.lr", 1e-2)))
   opt = tx.init(params)
 
