@@ -218,7 +218,7 @@ def jax_iteration_fn(batch, num_classes):
   init = jax.jit(lambda k: teacher.init(k, dummy,
                                         mutable=["params", "batch_stats"]))
   teachers = jax.tree.map(lambda *x: jnp.stack(x),
-                          *[init(jax.random.key(i)) for i in range(3)])
+                          *[init(jax.random.key(i, impl="rbg")) for i in range(3)])
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   teachers = nn.unbox(teachers)
   student = multihead.build("resnet18", num_heads=3, num_classes=num_classes)
