@@ -52,8 +52,8 @@ def get_config(arg=None):
   steps = (lambda full, small: small if quick else full)
   stages = [common.clip_pretrain(
       shared, model=clip_model, batch_size=64,
-      num_steps=steps(500, 250), log_every=50,
-      optim=dict(name="adamw", lr=2e-3, end_lr=1e-5, schedule="cosine",
+      num_steps=steps(500, 250), log_every=50, prompt_fraction=1.0,
+      optim=dict(name="adamw", lr=3e-3, end_lr=1e-5, schedule="cosine",
                  warmup_steps=30, weight_decay=0.05,
                  grad_clip_norm=1.0))]
   stages += common.edgevl_stages(
