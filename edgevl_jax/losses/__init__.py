@@ -8,3 +8,4 @@ from edgevl_jax.losses.contrastive import offline_semi_hard_triplets, online_sem
 from edgevl_jax.losses.datafree import bn_statistics_loss, datafree_generator_loss, datafree_student_loss, teacher_bn_moments
 from edgevl_jax.losses.kd import kl_distill, softmax_cross_entropy
 from edgevl_jax.losses.ofa import ofa_loss
+from edgevl_jax.losses.unicl import unicl_loss
