@@ -175,6 +175,10 @@ def main() -> None:
   os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
   with open(args.json, "w") as f:
     json.dump({"batch": args.batch, "meshes": MESHES,
+               "bytes_per_device": {
+                   f"{r['mesh']}.vit_g14_fp32_fsdp": r["bytes_per_device"]
+                   for r in rows if r["model"] == "vit_g14"
+                   and r["what"] == "params fp32 fsdp"},
                "rules": [list(map(str, r)) for r in layers.LOGICAL_AXIS_RULES],
                "rows": rows}, f, indent=2)
 
