@@ -36,11 +36,14 @@ def shared_refs(*, dataset, data_dir, data_config, image_size, seed):
 
 
 def clip_pretrain(shared, *, model, batch_size, num_steps, optim,
-                  crop_scale=(0.5, 1.0), log_every=50, prompt_fraction=0.5):
+                  crop_scale=(0.5, 1.0), log_every=50, prompt_fraction=0.5,
+                  loss="unicl"):
+  """The CLIP teacher stage; loss 'unicl' treats same-class texts of a batch
+  as positives (needed once class prompts repeat), 'clip' is plain InfoNCE."""
   return _stage("clip_pretrain", "clip_pretrain", shared, model=model,
                 batch_size=batch_size, num_steps=num_steps, optim=optim,
                 crop_scale=crop_scale, normalization="clip", init_from="",
-                prompt_fraction=prompt_fraction,
+                prompt_fraction=prompt_fraction, loss=loss,
                 eval_batch_size=256, log_every=log_every, ckpt_every=None)
 
 

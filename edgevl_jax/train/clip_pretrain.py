@@ -7,12 +7,17 @@ keeping that checkpoint's tokenizer. The result is written as a Hugging Face
 CLIP folder (config.json + model.safetensors + tokenizer files) in
 WORKDIR/teacher, so later stages `load_pretrained` it like a real checkpoint.
 
-Loss: the symmetric InfoNCE of CLIP over the batch, with the learnt
+Loss (`loss`): 'unicl' (default) is UniCL (`losses.unicl_loss`): each
+image's target is uniform over the batch texts of its class, and each text's
+over the images of its class, so repeated class prompts are not negatives of
+each other; with distinct labels it equals CLIP's loss. 'clip' is the plain
+symmetric InfoNCE over the batch (diagonal = match). Both use the learnt
 temperature exp(logit_scale) clipped at 100.
 
 Config keys: dataset, data_dir, data_config, image_size, seed, batch_size,
 num_steps, optim, crop_scale, normalization ('clip'), init_from (optional),
 prompt_fraction (share of captions replaced by class prompts, default 0),
+loss ('unicl' | 'clip', default 'unicl'),
 model.{vision_width, vision_layers, vision_heads, patch_size, text_width,
 text_layers, text_heads, projection_dim, max_length, vocab_size,
 hidden_act}, eval_batch_size, log_every, ckpt_every.
@@ -32,6 +37,7 @@ from edgevl_jax.eval import artefacts
 from edgevl_jax.eval import splits
 from edgevl_jax.eval import zero_shot
 from edgevl_jax import data as data_lib
+from edgevl_jax import losses
 from edgevl_jax.models import clip
 from edgevl_jax.train import checkpoint as checkpoint_lib
 from edgevl_jax.train import config_utils
@@ -41,6 +47,7 @@ from edgevl_jax.train import metrics as metrics_lib
 from edgevl_jax.train import state as state_lib
 
 MAX_LOGIT_SCALE = float(np.log(100.0))
+LOSSES = ("unicl", "clip")
 MODEL_KEYS = ("vision_width", "vision_layers", "vision_heads", "patch_size",
               "text_width", "text_layers", "text_heads", "projection_dim",
               "max_length", "vocab_size", "hidden_act")
@@ -57,6 +64,9 @@ def validate_config(config: Any) -> None:
   if not isinstance(frac, (int, float)) or not 0 <= frac <= 1:
     raise ValueError(f"config.prompt_fraction must be in [0, 1], found "
                      f"{frac!r}.")
+  if config.get("loss", "unicl") not in LOSSES:
+    raise ValueError(f"config.loss must be one of {list(LOSSES)}, found "
+                     f"{config.get('loss')!r}.")
   state_lib.validate_optim_config(config.optim)
   if not config_utils.get(config, "init_from"):
     model = config_utils.require(config, "model")
@@ -100,9 +110,10 @@ def clip_loss(logits_per_image: jax.Array) -> jax.Array:
                 + ce(logits_per_image.T, labels).mean())
 
 
-def make_train_step(model: Any, norm: Any):
+def make_train_step(model: Any, norm: Any, loss_name: str = "clip"):
   """(state, batch) -> (state, metrics); batch: 'rgb' (B, S, S, 3) in
-  [0, 1], 'input_ids' and 'attention_mask' (B, L)."""
+  [0, 1], 'input_ids' and 'attention_mask' (B, L), and 'label' (B,) for
+  loss_name='unicl'."""
 
   def train_step(state, batch):
     def loss_fn(params):
@@ -110,6 +121,9 @@ def make_train_step(model: Any, norm: Any):
           params["logit_scale"], MAX_LOGIT_SCALE)}
       out = model.apply({"params": params}, norm(batch["rgb"]),
                         batch["input_ids"], batch["attention_mask"])
+      if loss_name == "unicl":
+        return losses.unicl_loss(logits_per_image=out["logits_per_image"],
+                                 labels=batch["label"])
       return clip_loss(out["logits_per_image"])
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     return state.apply_gradients(grads), {
@@ -195,7 +209,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
       init_fn, tx, jax.random.key(config.seed), mesh=mesh)
   batch_sh = mesh_lib.batch_sharding(mesh)
 
-  train_step = make_train_step(model, norm)
+  train_step = make_train_step(model, norm, config.get("loss", "unicl"))
 
   step = mesh_lib.jit_sharded(
       train_step, in_shardings=(state_sh, batch_sh),
@@ -206,7 +220,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   def prepare(batch):
     ids_, mask_ = clip.tokenize(tokenizer, texts(batch), max_length=max_length)
     return mesh_lib.shard_batch({"rgb": batch["rgb"], "input_ids": ids_,
-                                 "attention_mask": mask_}, mesh)
+                                 "attention_mask": mask_,
+                                 "label": np.asarray(batch["label"], np.int32)},
+                                mesh)
 
   loader = data_lib.caption_loader(
       train_src, batch_size=config.batch_size, image_size=config.image_size,
