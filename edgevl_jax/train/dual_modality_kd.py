@@ -218,23 +218,29 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
       train_step, in_shardings=(state_sh, t_sh, batch_sh),
       out_shardings=(state_sh, rep), donate_argnums=0)
   crop = tuple(config.crop_scale)
+  local_batch = mesh_lib.per_process_batch(config.batch_size)
   num_views = int(config.teacher_cache.num_views)
   keys = ("rgb", "other") + (("teacher",) if num_views else ())
   prepare = lambda b: mesh_lib.shard_batch({k: b[k] for k in keys}, mesh)
+  if num_views and jax.process_count() > 1:
+    raise ValueError(
+        "config.teacher_cache.num_views > 0 is single-process only (every "
+        "process would store the whole cache); set it to 0 for multi-host "
+        "runs.")
   if num_views:
     encode = jax.jit(encode_teacher, in_shardings=(t_sh, batch_sh))
     views = teacher_cache.build(
         functools.partial(encode, t_params), train_src, workdir=workdir,
-        num_views=num_views, seed=config.seed, batch_size=config.batch_size,
+        num_views=num_views, seed=config.seed, batch_size=local_batch,
         image_size=config.image_size, indices=indices, crop_scale=crop,
         mesh=mesh)
     batches = teacher_cache.CachedBatches(views, lambda v: teacher_cache.
                                           view_loader(
-        train_src, view=v, seed=config.seed, batch_size=config.batch_size,
+        train_src, view=v, seed=config.seed, batch_size=local_batch,
         image_size=config.image_size, indices=indices, crop_scale=crop))
   else:
     batches = iter(data_lib.paired_loader(
-        train_src, batch_size=config.batch_size, image_size=config.image_size,
+        train_src, batch_size=local_batch, image_size=config.image_size,
         train=True, seed=config.seed, indices=indices, crop_scale=crop))
 
   best = dict(artefacts_best(workdir))

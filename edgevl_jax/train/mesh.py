@@ -146,6 +146,20 @@ def put_sharded(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(jax.device_put, tree, shardings)
 
 
+def per_process_batch(global_batch_size: int) -> int:
+  """The slice of a global batch this process loads (loaders are per process).
+
+  Config batch sizes are global, so a run gives the same result on any number
+  of processes; each process's loader yields `global / process_count`.
+  """
+  count = jax.process_count()
+  if global_batch_size % count:
+    raise ValueError(
+        f'batch size {global_batch_size} is not divisible by the '
+        f'{count} JAX processes; use a multiple of {count}.')
+  return global_batch_size // count
+
+
 def shard_batch(batch: Any, mesh: jax.sharding.Mesh) -> Any:
   """Host-local numpy batch -> global jax.Arrays split over the batch axes.
 

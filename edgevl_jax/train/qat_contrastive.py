@@ -155,11 +155,12 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     return s, m
 
   crop = tuple(config.crop_scale)
+  local_batch = mesh_lib.per_process_batch(config.batch_size)
   eval_bs = config.get("eval_batch_size", 256)
   if online:
     keys = ("rgb", "other", "pseudo_label")
     batches = iter(data_lib.paired_loader(
-        train_src, batch_size=config.batch_size, image_size=config.image_size,
+        train_src, batch_size=local_batch, image_size=config.image_size,
         train=True, seed=config.seed, indices=indices, pseudo_labels=plabels,
         crop_scale=crop))
   else:
@@ -174,9 +175,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     batches = triplet_mining.EpochTriplets(
         mine_fn=mine_fn, current_params=lambda: holder["state"].params,
         make_loader=triplet_mining.make_triplet_loader(
-            train_src, seed=config.seed, batch_size=config.batch_size,
+            train_src, seed=config.seed, batch_size=local_batch,
             image_size=config.image_size, crop_scale=crop),
-        batch_size=config.batch_size, workdir=workdir)
+        batch_size=local_batch, workdir=workdir)
   prepare = lambda b: mesh_lib.shard_batch({k: b[k] for k in keys}, mesh)
 
   qmeta = {**meta, "quant": config.quant}
