@@ -225,8 +225,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
                                 mesh)
 
   loader = data_lib.caption_loader(
-      train_src, batch_size=config.batch_size, image_size=config.image_size,
-      seed=config.seed, crop_scale=tuple(config.crop_scale))
+      train_src, batch_size=mesh_lib.per_process_batch(config.batch_size),
+      image_size=config.image_size, seed=config.seed,
+      crop_scale=tuple(config.crop_scale))
   batches = iter(loader)
   with checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                    max_to_keep=1) as ckpt, \
