@@ -33,6 +33,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 import numpy as np
 
 from edgevl_jax import data as data_lib
@@ -173,7 +174,7 @@ def make_train_step(model: Any, teacher: Any, *, kind: str, mode: str,
                                           teacher_embeddings=t, kind=kind)
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    gnorm = jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(grads)))
+    gnorm = optax.global_norm(grads)
     return state.apply_gradients(grads), {"loss": loss, "grad_norm": gnorm}
 
   return train_step

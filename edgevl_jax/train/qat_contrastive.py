@@ -32,6 +32,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from edgevl_jax import data as data_lib
 from edgevl_jax import losses
@@ -108,7 +109,7 @@ def make_train_step(model: Any, norm: Any, *, margin: float, online: bool):
         return triplet_mining.triplet_loss_both(e, batch["mask"],
                                                 margin=margin)
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    gnorm = jnp.sqrt(sum(jnp.sum(v * v) for v in jax.tree.leaves(grads)))
+    gnorm = optax.global_norm(grads)
     return state.apply_gradients(grads), {"loss": loss, "grad_norm": gnorm}
 
   return train_step
