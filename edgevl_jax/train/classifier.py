@@ -176,41 +176,63 @@ def validate_config(config: Any) -> None:
   state_lib.validate_optim_config(config.optim)
 
 
-def _train_one(config: Any, model: nn.Module, train: tuple, test: tuple,
-               model_dir: str, seed: int, mesh: jax.sharding.Mesh
-               ) -> np.ndarray:
+class _Trainer:
+  """Builds the optimiser, the jitted train step and the jitted predict once
+  for all `num_models` classifiers (one compile instead of one per model:
+  the models share architecture, optimiser and shardings)."""
+
+  def __init__(self, config: Any, model: nn.Module, train: tuple,
+               mesh: jax.sharding.Mesh):
+    self.config, self.model, self.mesh = config, model, mesh
+    images = train[0]
+    self.steps_per_epoch = len(images) // config.batch_size
+    self.num_steps = self.steps_per_epoch * config.num_epochs
+    self.tx = state_lib.make_optimizer(config.optim, self.num_steps)
+    dummy = jnp.zeros((1,) + images.shape[1:], jnp.float32)
+    self.init_fn = lambda k: model.init(init_key(k), dummy,
+                                        mutable=["params", "batch_stats"])
+    self.predict = jax.jit(model.apply)
+    self._step = None
+
+  def step(self, state_sh: Any) -> Callable[..., Any]:
+    """The jitted train step (built on first use, then reused)."""
+    if self._step is None:
+      model, mesh = self.model, self.mesh
+
+      def train_step(state, batch):
+        def loss_fn(params):
+          logits, mutated = model.apply(
+              {"params": params, **state.model_state},
+              normalize(batch["image"]), train=True, mutable=["batch_stats"])
+          loss = optax.softmax_cross_entropy_with_integer_labels(
+              logits, batch["label"]).mean()
+          acc = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+          return loss, (mutated, acc)
+        (loss, (mutated, acc)), grads = jax.value_and_grad(
+            loss_fn, has_aux=True)(state.params)
+        state = state.apply_gradients(grads, model_state=dict(mutated))
+        return state, {"loss": loss, "train_accuracy": acc}
+
+      self._step = mesh_lib.jit_sharded(
+          train_step, in_shardings=(state_sh, mesh_lib.batch_sharding(mesh)),
+          out_shardings=(state_sh, mesh_lib.replicated(mesh)),
+          donate_argnums=0)
+    return self._step
+
+
+def _train_one(config: Any, trainer: _Trainer, train: tuple, test: tuple,
+               model_dir: str, seed: int) -> np.ndarray:
   """Trains one classifier in `model_dir`; returns its test logits."""
   images, labels = train
+  mesh = trainer.mesh
   batches = EpochBatches(
       images, labels, batch_size=config.batch_size, seed=seed,
       crop_padding=int(config_utils.get(config, "augment.crop_padding", 0)),
       flip=bool(config_utils.get(config, "augment.flip", False)))
-  num_steps = batches.steps_per_epoch * config.num_epochs
-  tx = state_lib.make_optimizer(config.optim, num_steps)
-  dummy = jnp.zeros((1,) + images.shape[1:], jnp.float32)
+  num_steps = trainer.num_steps
   state, state_sh = state_lib.create_train_state(
-      lambda k: model.init(init_key(k), dummy,
-                           mutable=["params", "batch_stats"]), tx,
-      jax.random.PRNGKey(seed), mesh=mesh)
-  batch_sh = mesh_lib.batch_sharding(mesh)
-
-  def train_step(state, batch):
-    def loss_fn(params):
-      logits, mutated = model.apply(
-          {"params": params, **state.model_state}, normalize(batch["image"]),
-          train=True, mutable=["batch_stats"])
-      loss = optax.softmax_cross_entropy_with_integer_labels(
-          logits, batch["label"]).mean()
-      acc = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-      return loss, (mutated, acc)
-    (loss, (mutated, acc)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state.params)
-    state = state.apply_gradients(grads, model_state=dict(mutated))
-    return state, {"loss": loss, "train_accuracy": acc}
-
-  step = mesh_lib.jit_sharded(
-      train_step, in_shardings=(state_sh, batch_sh),
-      out_shardings=(state_sh, mesh_lib.replicated(mesh)), donate_argnums=0)
+      trainer.init_fn, trainer.tx, jax.random.PRNGKey(seed), mesh=mesh)
+  step = trainer.step(state_sh)
   with checkpoint_lib.Checkpointer(os.path.join(model_dir, "checkpoints"),
                                    max_to_keep=1) as ckpt, \
       metrics_lib.MetricWriter(model_dir, total_steps=num_steps,
@@ -220,8 +242,7 @@ def _train_one(config: Any, model: nn.Module, train: tuple, test: tuple,
         writer=writer, log_every=int(config_utils.get(config, "log_every", 50)),
         ckpt_every=config_utils.get(config, "ckpt_every", None),
         prepare_batch=functools.partial(mesh_lib.shard_batch, mesh=mesh))
-  predict = jax.jit(lambda x: model.apply(state.variables, x))
-  logits = evaluate(predict, *test)
+  logits = evaluate(functools.partial(trainer.predict, state.variables), *test)
   writer_line = {"test_accuracy": accuracy(logits, test[1])}
   with open(os.path.join(model_dir, MODEL_FILE), "w") as f:
     json.dump({"model": config_utils.to_dict(config.model),
@@ -253,13 +274,13 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   test = load_dataset(config.dataset, "test", data_dir=config.data_dir)
   num_classes = int(config_utils.get(config, "num_classes", 0)) or int(
       max(train[1].max(), test[1].max()) + 1)
-  model = build_model(config, num_classes)
+  trainer = _Trainer(config, build_model(config, num_classes), train, mesh)
   all_logits, dirs = [], []
   for i in range(config.num_models):
     model_dir = os.path.join(workdir, f"model_{i}")
     dirs.append(model_dir)
-    all_logits.append(_train_one(config, model, train, test, model_dir,
-                                 int(config.seed) + 1000 * i, mesh))
+    all_logits.append(_train_one(config, trainer, train, test, model_dir,
+                                 int(config.seed) + 1000 * i))
   each = [accuracy(l, test[1]) for l in all_logits]
   ensemble = accuracy(np.mean(all_logits, axis=0), test[1])
   return {"accuracy": {"teacher_each": each, "teacher_ensemble": ensemble},
