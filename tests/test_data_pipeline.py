@@ -112,6 +112,31 @@ def test_embed_pass_sees_every_example_once_across_shards(tiny):
   assert sorted(seen) == list(range(120))
 
 
+def test_two_process_training_batches_union_to_the_one_process_batch(tiny):
+  # Global batch 8 on 1 process vs 4 + 4 on 2 processes: every step holds
+  # the same examples, with the same crop / flip / text draws.
+  def steps(loader, n=3):
+    it = iter(loader)
+    return [next(it) for _ in range(n)]
+
+  kw = dict(batch_size=8, image_size=8, seed=5)
+  one = steps(data.caption_loader(tiny, shard_index=0, shard_count=1, **kw))
+  two = [steps(data.caption_loader(tiny, shard_index=p, shard_count=2,
+                                   **dict(kw, batch_size=4)))
+         for p in range(2)]
+  for k, b in enumerate(one):
+    parts = [two[0][k], two[1][k]]
+    index = np.concatenate([p["index"] for p in parts])
+    assert sorted(index.tolist()) == sorted(b["index"].tolist())
+    order = {int(i): j for j, i in enumerate(b["index"])}
+    pos = [order[int(i)] for i in index]
+    for name in ("rgb", "text_draw"):
+      np.testing.assert_array_equal(
+          np.concatenate([p[name] for p in parts]), b[name][pos])
+  # Different steps see different examples (the check has teeth).
+  assert set(one[0]["index"].tolist()) != set(one[1]["index"].tolist())
+
+
 def test_subset_with_pseudo_labels(tiny):
   idx = np.array([3, 17, 40, 41, 99, 100, 5, 64])
   pl = np.array([7, 6, 5, 4, 3, 2, 1, 0])

@@ -227,13 +227,21 @@ def test_demo_config_validates_every_stage():
 def test_text_sampler_prompts_and_determinism():
   from edgevl_jax.data import info as info_lib
   info = info_lib.get_info("synthetic_rgbd")
+  draws = np.random.default_rng(0).random((16, 2)).astype(np.float32)
   batch = {"caption": np.array(["a red cube.", "a blue cone."] * 8),
-           "label": np.array([1, 3] * 8), "index": np.arange(16)}
-  assert clip_pretrain.TextSampler(info, 0.0, 0)(batch) == list(
+           "label": np.array([1, 3] * 8), "index": np.arange(16),
+           "text_draw": draws}
+  assert clip_pretrain.TextSampler(info, 0.0)(batch) == list(
       batch["caption"])
-  prompts = clip_pretrain.TextSampler(info, 1.0, 0)(batch)
+  prompts = clip_pretrain.TextSampler(info, 1.0)(batch)
   assert all(info.class_names[l] in p for p, l in zip(prompts,
                                                       batch["label"]))
-  half = clip_pretrain.TextSampler(info, 0.5, 3)
-  assert half(batch) == half(batch)
-  assert 0 < sum(t in batch["caption"] for t in half(batch)) < 16
+  half = clip_pretrain.TextSampler(info, 0.5)
+  # The choice is the draw's: prompt exactly where u < 0.5.
+  texts = half(batch)
+  assert [t not in batch["caption"] for t in texts] == list(draws[:, 0] < 0.5)
+  # A batch split over two processes picks the same texts per example.
+  split = [half({k: v[i::2] for k, v in batch.items()}) for i in range(2)]
+  assert split[0] == texts[0::2] and split[1] == texts[1::2]
+  with pytest.raises(ValueError, match="text_draw"):
+    half({**batch, "text_draw": draws[:3]})

@@ -6,7 +6,8 @@ All loaders take a source from `edgevl_jax.data.load_split` and return a
   paired_loader   {'rgb', 'other': float32 (B, S, S, 3) in [0, 1],
                    'label', 'index': int32 (B,)} (+ 'pseudo_label' int32
                    (B,) for a pseudo-labelled subset)
-  caption_loader  {'rgb', 'label', 'index', 'caption': str (B,)}
+  caption_loader  {'rgb', 'label', 'index', 'caption': str (B,),
+                   'text_draw': float32 (B, 2) uniforms for the text choice}
   embed_loader    same, plus 'valid' bool (B,): every example exactly once
   triplet_loader  {'rgb', 'other': (B, 2 + K, S, S, 3), 'label', 'index':
                    int32 (B, 2 + K), 'mask': bool (B, 2 + K)}
@@ -16,6 +17,12 @@ All loaders take a source from `edgevl_jax.data.load_split` and return a
 
 Sharding: each JAX process reads its own shard (defaults: this process of
 `jax.process_count()`); `distributed.to_global` assembles the global batch.
+Training streams are one global shuffle of which process p reads positions
+p, p + P, p + 2P, ...: the union of the per-process batches of a step holds
+the same examples with the same augmentation draws as batch k of a
+1-process run, whatever the process count (so runs on 1 and on N hosts
+train on the same data). The exactly-once embed pass gives each process a
+contiguous block instead.
 Determinism and resumption: shuffling and augmentation randomness come from
 `seed` and the record position only, so `iter(loader)` with the same
 arguments replays the same batches, and `iterator.get_state()` /
@@ -126,12 +133,21 @@ def _loader(source, ops, *, shuffle, seed, num_epochs, shard, worker_count):
     # grain worker processes read absl flags; scripts outside absl.app
     # (notebooks, tests) have not parsed them, so take the defaults.
     flags.FLAGS.mark_as_parsed()
+  # A shuffled stream is sampled globally (the loader then reads this
+  # process's interleaved positions); a sharded sampler would shuffle each
+  # process's block of records separately, a different order per count.
   sampler = grain.samplers.IndexSampler(
-      num_records=len(source), shard_options=shard, shuffle=shuffle,
-      num_epochs=num_epochs, seed=seed)
-  return grain.DataLoader(data_source=source, sampler=sampler,
-                          operations=ops, worker_count=worker_count,
-                          shard_options=shard)
+      num_records=len(source),
+      shard_options=grain.sharding.NoSharding() if shuffle else shard,
+      shuffle=shuffle, num_epochs=num_epochs, seed=seed)
+  # No reader threads: records are local and small, and grain's thread
+  # prefetch polls its futures under the GIL (measured on the 32 px demo
+  # split: 0.30 s per batch of 64 with the default 16 threads, 0.16 s with
+  # none). JAX's async dispatch already overlaps loading with the step.
+  return grain.DataLoader(
+      data_source=source, sampler=sampler, operations=ops,
+      worker_count=worker_count, shard_options=shard,
+      read_options=grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
 
 
 def paired_loader(source, *, batch_size: int, image_size: int, train: bool,
@@ -181,7 +197,10 @@ def paired_loader(source, *, batch_size: int, image_size: int, train: bool,
   else:
     aug = transforms.PairedResize(image_size, source.modality, modalities,
                                   keep)
-  ops = [aug, grain.transforms.Batch(batch_size, drop_remainder=drop_remainder)]
+  ops = [aug]
+  if with_caption and train:
+    ops.append(transforms.TextDraws())
+  ops.append(grain.transforms.Batch(batch_size, drop_remainder=drop_remainder))
   return _loader(source, ops, shuffle=train, seed=seed, num_epochs=num_epochs,
                  shard=_shard(shard_index, shard_count, True),
                  worker_count=worker_count)

@@ -18,6 +18,8 @@ import tensorflow_datasets as tfds
 from edgevl_jax.data import info as info_lib
 
 Record = dict[str, Any]
+# Splits whose decoded records fit in this many bytes are cached in memory.
+CACHE_LIMIT_BYTES = 512 << 20
 
 
 class PairedSource:
@@ -31,10 +33,16 @@ class PairedSource:
 
   def __init__(self, raw: Any, convert: Callable[[Record, int], Record], *,
                info: info_lib.DatasetInfo, split: str,
-               positions: Sequence[int] | None = None):
+               positions: Sequence[int] | None = None,
+               cache_limit_bytes: int = CACHE_LIMIT_BYTES):
     self._raw = raw
     self._convert = convert
     self._positions = None if positions is None else np.asarray(positions)
+    # Decoded records of a split that fits in `cache_limit_bytes` are kept
+    # in memory after their first read: TFDS decoding is most of a small
+    # record's loading cost, and the demo re-reads each record many times.
+    self._cache_limit = int(cache_limit_bytes)
+    self._cache: dict[int, Record] | None = None
     self.info = info
     self.split = split
     self.modality = info.other_modality
@@ -50,10 +58,19 @@ class PairedSource:
 
   def __getitem__(self, index: int) -> Record:
     index = int(index)
+    if self._cache is not None and index in self._cache:
+      return self._cache[index]
     raw_index = index if self._positions is None else int(
         self._positions[index])
     record = self._convert(self._raw[raw_index], index)
     check_record(record, where=f"{self.info.name}[{self.split}][{index}]")
+    if self._cache is None and self._cache_limit > 0:
+      # Decided on the first read: the whole split's decoded size.
+      size = sum(np.asarray(v).nbytes for v in record.values()) * len(self)
+      self._cache = {} if size <= self._cache_limit else None
+      self._cache_limit = self._cache_limit if self._cache is not None else 0
+    if self._cache is not None:
+      self._cache[index] = record
     return record
 
   def __repr__(self) -> str:

@@ -149,6 +149,20 @@ class PairedRandomCropFlip(grain.transforms.RandomMap):
 
 
 @dataclasses.dataclass(frozen=True)
+class TextDraws(grain.transforms.RandomMap):
+  """Adds 'text_draw': float32 (2,) uniforms in [0, 1) for the text choice.
+
+  Drawn from the example's own grain rng (after its crop and flip), so
+  which text an image is paired with (caption or prompt, which template)
+  depends on the seed and the example's position in the stream only: the
+  same on any number of processes and on a resumed run.
+  """
+
+  def random_map(self, element: Record, rng: np.random.Generator) -> Record:
+    return {**element, "text_draw": rng.random(2).astype(np.float32)}
+
+
+@dataclasses.dataclass(frozen=True)
 class PairedResize(grain.transforms.Map):
   """Test-time transform: resize both images to image_size, no crop."""
   image_size: int

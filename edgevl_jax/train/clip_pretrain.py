@@ -139,25 +139,29 @@ class TextSampler:
   prompt template filled with the class name (what a web caption would say
   about the object), so the text tower ties the class name to the image
   instead of only the colour words that dominate the synthetic captions.
-  The draws depend on (seed, the batch's example indices) only, so a
-  resumed run replays them.
+  The choices come from the batch's 'text_draw' (B, 2) uniforms, drawn per
+  example by the loader from (seed, stream position): a resumed run and a
+  run on any number of processes pick the same texts.
   """
 
-  def __init__(self, info: Any, prompt_fraction: float, seed: int):
-    self.info, self.fraction, self.seed = info, float(prompt_fraction), seed
+  def __init__(self, info: Any, prompt_fraction: float):
+    self.info, self.fraction = info, float(prompt_fraction)
 
   def __call__(self, batch: dict[str, Any]) -> list[str]:
     captions = [str(c) for c in batch["caption"]]
     if self.fraction <= 0:
       return captions
-    index = np.asarray(batch["index"], np.int64)
-    rng = np.random.default_rng(
-        [int(self.seed), int(index.sum()), int(index[0]), int(index[-1])])
+    draws = np.asarray(batch["text_draw"], np.float64)
+    if draws.shape != (len(captions), 2):
+      raise ValueError("batch['text_draw'] must be (B, 2) uniforms for B="
+                       f"{len(captions)} captions; found {draws.shape}.")
+    templates = self.info.prompt_templates
     out = []
-    for caption, label in zip(captions, np.asarray(batch["label"])):
-      if rng.random() < self.fraction:
-        t = self.info.prompt_templates[
-            rng.integers(len(self.info.prompt_templates))]
+    for caption, label, (u_prompt, u_template) in zip(
+        captions, np.asarray(batch["label"]), draws):
+      if u_prompt < self.fraction:
+        t = templates[min(int(u_template * len(templates)),
+                          len(templates) - 1)]
         out.append(t.format(self.info.class_names[int(label)]))
       else:
         out.append(caption)
@@ -215,7 +219,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
       train_step, in_shardings=(state_sh, batch_sh),
       out_shardings=(state_sh, mesh_lib.replicated(mesh)), donate_argnums=0)
 
-  texts = TextSampler(info, config.get("prompt_fraction", 0.0), config.seed)
+  texts = TextSampler(info, config.get("prompt_fraction", 0.0))
 
   def prepare(batch):
     ids_, mask_ = clip.tokenize(tokenizer, texts(batch), max_length=max_length)
