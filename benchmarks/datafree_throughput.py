@@ -224,11 +224,9 @@ def jax_iteration_fn(batch, num_classes):
   student = multihead.build("resnet18", num_heads=3, num_classes=num_classes)
   gen = generator_lib.build(32)
   state, state_sh = datafree_kd.create_state(config, student, gen, mesh)
-  rep = mesh_lib.replicated(mesh)
-  step = mesh_lib.jit_sharded(
-      datafree_kd.make_steps(config, student, gen, teacher, mesh).iteration,
-      in_shardings=(state_sh, rep), out_shardings=(state_sh, rep),
-      donate_argnums=0)
+  step = datafree_kd.compile_iteration(
+      config, datafree_kd.make_steps(config, student, gen, teacher, mesh),
+      state_sh, mesh)
   holder = {"state": state}
 
   def iteration():

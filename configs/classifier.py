@@ -3,18 +3,19 @@
   python -m edgevl_jax.main --config=configs/classifier.py --workdir=DIR
   python -m edgevl_jax.main --config=configs/classifier.py:cifar100 ...
 
-No arg: three width-reduced ResNet-18s (CIFAR stem) on sklearn_digits, a few
-minutes on a CPU. `cifar100`: the paper's three ResNet-34 teachers (SGD 0.1,
-momentum 0.9, weight decay 5e-4, 200 epochs, step decay) on a prepared TFDS
-`cifar100` (needs the 'prepare' extra once).
+No arg: three width-reduced ResNet-18s (CIFAR stem) on sklearn_digits, about
+2 minutes on a 2-core CPU for 4 epochs (test accuracy ~98 %). `cifar100`:
+the paper's three ResNet-34 teachers (SGD 0.1, momentum 0.9, weight decay
+5e-4, 200 epochs, step decay) on a prepared TFDS `cifar100` (needs the
+'prepare' extra once).
 """
 import ml_collections
 
 from edgevl_jax.train import config_utils
 
 # Width-reduced ResNet-18 with the CIFAR stem: runs on a CPU in minutes.
-CPU_TEACHER = dict(stage_sizes=(1, 1, 1, 1), widths=(16, 32, 64, 128),
-                   stem_width=16, cifar_stem=True, image_size=32)
+CPU_TEACHER = dict(stage_sizes=(1, 1, 1, 1), widths=(8, 16, 32, 64),
+                   stem_width=8, cifar_stem=True, image_size=32)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

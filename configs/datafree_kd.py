@@ -8,7 +8,10 @@ No arg: the CPU-scale pipeline on sklearn_digits (a small real dataset that
 ships with scikit-learn): train three small teachers -> data-free
 distillation into a 3-head student (which ends by evaluating teachers and
 student on the real test split and fitting the attention aggregation on 2 %
-of the training images). About 10-15 minutes on a 2-core CPU.
+of the training images). Teachers: widths 8-64, 4 epochs (~98 % test
+accuracy); distillation: batch 64, 160 iterations, generator ngf 32. About
+12 minutes on an idle 2-core CPU (the student reaches ~93 % against a ~99 %
+teacher ensemble).
 
 Paper settings (student ResNet-18 multi-head, 3 teachers, nz = 256):
   cifar100:      32 px, batch 256, 300 epochs x 50 iterations, milestones
@@ -31,8 +34,7 @@ from edgevl_jax.train import config_utils  # pylint: disable=g-import-not-at-top
 
 # Small ResNet-18-style trunk (CIFAR stem), shared by the CPU teachers and
 # the student trunk, so pooled feature sizes match (feature loss active).
-CPU_TRUNK = dict(stage_sizes=(1, 1, 1, 1), widths=(16, 32, 64, 128),
-                 stem_width=16, cifar_stem=True, image_size=32)
+CPU_TRUNK = dict(classifier_config.CPU_TEACHER)
 
 _PAPER = {
     "cifar100": dict(dataset="cifar100", image_size=32, batch_size=256,
@@ -97,7 +99,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   distill.name = "datafree_kd"
   distill.teachers_dir = "@teachers/workdir"
   distill.student.overrides = dict(CPU_TRUNK)
-  distill.generator.overrides = dict(ngf=64)
+  distill.generator.overrides = dict(ngf=32)
   distill.attention.fraction = 0.02
   distill.log_every = 25
   distill.ckpt_every = 100

@@ -16,7 +16,7 @@ in training AND in evaluation: a generator is only ever used to make a batch,
 and its images should look the same whether or not it is being trained. Flax
 updates the (unused) running averages whenever it uses batch statistics, so
 `apply` needs `mutable=['batch_stats']`; `sample(...)` does that and drops
-the update.
+the update. `save_samples` writes a batch of generated images as a PNG grid.
 
 The 32 px generator's inner BatchNorms use epsilon 0.8: the original code
 passes 0.8 positionally where PyTorch expects `eps` (the author meant
@@ -35,6 +35,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from PIL import Image
 
 from edgevl_jax.models import layers
 
@@ -170,3 +172,20 @@ def sample(model: nn.Module, variables: Any, z: jax.Array) -> jax.Array:
   """
   images, _ = model.apply(variables, z, mutable=["batch_stats"])
   return images
+
+
+def save_samples(path: str, images: np.ndarray, columns: int = 8) -> None:
+  """Writes a grid PNG; each image min-max scaled (generator output is BN'd)."""
+  lo = images.min(axis=(1, 2, 3), keepdims=True)
+  hi = images.max(axis=(1, 2, 3), keepdims=True)
+  images = ((images - lo) / np.maximum(hi - lo, 1e-6) * 255).astype(np.uint8)
+  n, h, w, c = images.shape
+  rows = -(-n // columns)
+  grid = np.zeros((rows * (h + 2), columns * (w + 2), c), np.uint8)
+  for i, im in enumerate(images):
+    r, col = divmod(i, columns)
+    grid[r * (h + 2) + 1:r * (h + 2) + 1 + h,
+         col * (w + 2) + 1:col * (w + 2) + 1 + w] = im
+  scale = max(1, 256 // grid.shape[1])
+  Image.fromarray(grid).resize(
+      (grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)

@@ -153,9 +153,15 @@ def evaluate(predict: Callable[[jax.Array], jax.Array], images: np.ndarray,
   Returns the concatenated logits (..., N, K) as numpy.
   """
   outs = []
+  batch_size = min(batch_size, len(images))
   for start in range(0, len(images), batch_size):
-    outs.append(np.asarray(predict(normalize(
-        jnp.asarray(images[start:start + batch_size])))))
+    chunk = images[start:start + batch_size]
+    n = len(chunk)
+    # The last batch is zero-padded to full size: one compile per split.
+    if n < batch_size:
+      chunk = np.concatenate(
+          [chunk, np.zeros((batch_size - n,) + chunk.shape[1:], chunk.dtype)])
+    outs.append(np.asarray(predict(normalize(jnp.asarray(chunk))))[..., :n, :])
   del labels
   return np.concatenate(outs, axis=-2)
 
