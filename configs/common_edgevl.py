@@ -59,6 +59,9 @@ def dual_modality_kd(shared, *, teacher, pseudo, student, batch_size,
                      num_steps, optim, eval_every, crop_scale=(0.08, 1.0),
                      teacher_normalization="clip", kd_loss="l1",
                      student_inputs="both", cache_views=0, log_every=50):
+  """Stage 1; `student` is {name, normalization, overrides[, hf_path]}, and
+  hf_path (a Hugging Face ImageNet folder, '' = from scratch) defaults to ''."""
+  student = {"hf_path": "", **student}
   return _stage("dual_modality_kd", "dual_modality_kd", shared,
                 teacher=teacher, pseudo_labels=pseudo, student=student,
                 batch_size=batch_size, num_steps=num_steps, optim=optim,
@@ -151,7 +154,10 @@ def paper_config(arg, *, dataset, kept_fraction, data_config="",
   """EdgeVL on a real dataset with the paper's hyper-parameters.
 
   Args (config arg string): student=NAME, teacher=PATH (an HF CLIP folder,
-  required for real runs), data_dir=PATH, source_dir=PATH (local copy of
+  required for real runs), student_hf=PATH (a Hugging Face ImageNet folder of
+  the student's architecture to start stage 1 from; '' = from scratch; with
+  runlocal the tiny overrides are skipped, the folder sets the model),
+  data_dir=PATH, source_dir=PATH (local copy of
   the dataset for the builders), seed=N, mining=offline|online,
   mining_space=normalized|unnormalized, teacher_normalization=clip|imagenet,
   epochs=N (120), steps_per_epoch=N (curated train size / batch size),
@@ -159,7 +165,8 @@ def paper_config(arg, *, dataset, kept_fraction, data_config="",
   """
   from edgevl_jax.train import config_utils  # pylint: disable=g-import-not-at-top
   args = config_utils.parse_arg(
-      arg, student=default_student, teacher="", data_dir="workdirs/tfds",
+      arg, student=default_student, teacher="", student_hf="",
+      data_dir="workdirs/tfds",
       source_dir=data_config, seed=0, mining=mining,
       mining_space="normalized", teacher_normalization="clip",
       runlocal=False, epochs=120, steps_per_epoch=100)
@@ -172,10 +179,10 @@ def paper_config(arg, *, dataset, kept_fraction, data_config="",
                        data_config=args.source_dir, image_size=image_size,
                        seed=args.seed)
   overrides = dict(image_size=image_size)
-  if local:
+  if local and not args.student_hf:
     overrides.update(_tiny_overrides(args.student))
   student = dict(name=args.student, normalization="imagenet",
-                 overrides=overrides)
+                 overrides=overrides, hf_path=args.student_hf)
   epochs = 1 if local else args.epochs
   # The paper counts epochs; schedules need steps up front, so the arg
   # steps_per_epoch should be (kept_fraction x train size) / batch size.

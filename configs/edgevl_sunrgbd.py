@@ -3,6 +3,9 @@ r"""EdgeVL on sun_rgbd with the paper's hyper-parameters.
   python -m edgevl_jax.main --config=configs/edgevl_sunrgbd.py:teacher=PATH \
       --workdir=DIR
   ...:student=vit_s16,teacher=PATH       other students (see STUDENTS)
+  ...:student=vit_s16,student_hf=PATH,teacher=PATH
+                                         start stage 1 from a Hugging Face
+                                         ImageNet folder (e.g. a ViT-S/16)
   ...:runlocal                           tiny smoke run (needs the data)
 
 teacher is a Hugging Face CLIP folder (config.json + model.safetensors).

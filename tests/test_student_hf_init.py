@@ -110,7 +110,8 @@ def test_missing_key_or_empty_trains_from_scratch(hf_vit):
   ref = artefacts.build_student(meta).init(jax.random.key(3),
                                            jnp.zeros((1, S, S, 3)))
   np.testing.assert_array_equal(
-      jax.tree.leaves(variables["params"])[0], jax.tree.leaves(ref["params"])[0])
+      jax.tree.leaves(variables["params"])[0],
+      jax.tree.leaves(ref["params"])[0])
 
 
 @pytest.mark.parametrize("overrides,match", [

@@ -17,9 +17,9 @@ of both modalities), never on test; the selected params are written with
 `artefacts.save_student`.
 
 Config keys: dataset, data_dir, data_config, teacher, teacher_normalization,
-student.{name, overrides, normalization, hf_path}, pseudo_labels (workdir or '' for the
-whole train split), image_size, batch_size, num_steps, optim, crop_scale,
-kd_loss ('l1'|'l2'|'cosine'), student_inputs ('both'|'rgb'|'other'),
+student.{name, overrides, normalization, hf_path}, pseudo_labels (workdir or
+'' for the whole train split), image_size, batch_size, num_steps, optim,
+crop_scale, kd_loss ('l1'|'l2'|'cosine'), student_inputs ('both'|'rgb'|'other'),
 teacher_cache.num_views (0 = off), student_sharding ('replicated'|'fsdp'),
 eval_every, eval_batch_size, seed, log_every, ckpt_every, mesh.
 Report: student_path, kd.{best_val_top1_rgb, best_val_top1_<other>,
