@@ -47,14 +47,13 @@ def test_demo_quick_report_and_artefacts(quick_report):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason=(
-    "the quick CPU budget trains the from-scratch ViT teacher to only "
-    "~15-25% RGB top-1 (chance 8%), too weak to open a depth gap for the "
-    "student to close; see configs/demo.py"))
-def test_demo_quick_effect_direction(quick_report):
-  # EdgeVL's effect, in direction: the RGB-only teacher is worse on depth
-  # than on RGB, and the student beats it on depth.
+def test_demo_quick_effect(quick_report):
+  # EdgeVL's effect on the quick budget (960 train scenes): the RGB-only
+  # teacher is much worse on depth than on RGB, the student beats it on
+  # depth by a wide margin, and static int8 stays close to fp32.
   zs = quick_report["zero_shot"]
-  assert zs["teacher"]["depth"] < zs["teacher"]["rgb"]
-  assert zs["student_fp32"]["depth"] > zs["teacher"]["depth"]
-  assert zs["student_int8_static"]["depth"] > zs["teacher"]["depth"]
+  teacher, fp32 = zs["teacher"], zs["student_fp32"]
+  assert teacher["rgb"] > teacher["depth"] + 0.15, teacher
+  assert fp32["depth"] > teacher["depth"] + 0.15, (fp32, teacher)
+  for modality in ("rgb", "depth"):
+    assert abs(zs["student_int8_static"][modality] - fp32[modality]) <= 0.03
