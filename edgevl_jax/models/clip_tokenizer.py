@@ -8,6 +8,7 @@ transformers and tokenizers are imported lazily (they are slow to import).
 """
 from __future__ import annotations
 
+import collections
 import json
 import os
 from typing import Any, Iterable, Sequence
@@ -84,7 +85,7 @@ def train_tokenizer(texts: Iterable[str], path: str | os.PathLike[str], *,
   Returns:
     `path` as a string.
   """
-  from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers  # pylint: disable=g-import-not-at-top
+  from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors  # pylint: disable=g-import-not-at-top
 
   texts = list(texts)
   if not texts:
@@ -105,11 +106,14 @@ def train_tokenizer(texts: Iterable[str], path: str | os.PathLike[str], *,
                            invert=True),
       pre_tokenizers.ByteLevel(add_prefix_space=False)])
   tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(
-      vocab_size=vocab_size, min_frequency=min_frequency,
-      special_tokens=[BOS, EOS], initial_alphabet=alphabet,
-      end_of_word_suffix="</w>", show_progress=False)
-  tok.train_from_iterator(texts, trainer=trainer)
+  words = collections.Counter(
+      piece for text in texts for piece, _ in tok.pre_tokenizer.pre_tokenize_str(
+          tok.normalizer.normalize_str(text)))
+  vocab, merges = _learn_bpe(words, alphabet, vocab_size=vocab_size,
+                             min_frequency=min_frequency)
+  tok.model = models.BPE(vocab=vocab, merges=merges, unk_token=EOS,
+                         end_of_word_suffix="</w>",
+                         continuing_subword_prefix="", fuse_unk=False)
   _add_word_final_bytes(tok, alphabet)
   tok.post_processor = processors.RobertaProcessing(
       (EOS, tok.token_to_id(EOS)), (BOS, tok.token_to_id(BOS)),
@@ -131,6 +135,58 @@ def train_tokenizer(texts: Iterable[str], path: str | os.PathLike[str], *,
     json.dump({"bos_token": BOS, "eos_token": EOS, "unk_token": EOS,
                "pad_token": EOS}, f, indent=2)
   return path
+
+
+def _learn_bpe(words: collections.Counter, alphabet: Sequence[str], *,
+               vocab_size: int, min_frequency: int
+               ) -> tuple[dict[str, int], list[tuple[str, str]]]:
+  """Byte-level BPE merges from word counts, deterministically.
+
+  The classic algorithm (Sennrich et al. 2016): repeatedly merge the most
+  frequent adjacent symbol pair, a word's last symbol carrying '</w>'.
+  Count ties go to the lexicographically smallest pair, so the same corpus
+  always gives the same vocabulary (HF's trainer breaks ties in hash order,
+  which differs between processes and runs).
+
+  Args:
+    words: byte-level pre-tokenised word -> count.
+    alphabet: the byte alphabet (every byte gets a token).
+    vocab_size: stop when the vocabulary (specials included) has this size.
+    min_frequency: pairs seen fewer times are not merged.
+
+  Returns:
+    (vocab token -> id with specials 0 and 1, merges in learning order).
+  """
+  symbols = {w: tuple(w[:-1]) + (w[-1] + "</w>",) for w in words if w}
+  tokens = [BOS, EOS] + sorted(alphabet)
+  tokens += sorted({s[-1] for s in symbols.values()} - set(tokens))
+  vocab = {t: i for i, t in enumerate(tokens)}
+  merges = []
+  while len(vocab) < vocab_size:
+    pairs = collections.Counter()
+    for w, syms in symbols.items():
+      for pair in zip(syms, syms[1:]):
+        pairs[pair] += words[w]
+    if not pairs:
+      break
+    best = min(pairs, key=lambda p: (-pairs[p], p))
+    if pairs[best] < min_frequency:
+      break
+    merged = best[0] + best[1]
+    merges.append(best)
+    if merged not in vocab:
+      vocab[merged] = len(vocab)
+    for w, syms in symbols.items():
+      out, i = [], 0
+      while i < len(syms):
+        if i + 1 < len(syms) and (syms[i], syms[i + 1]) == best:
+          out.append(merged)
+          i += 2
+        else:
+          out.append(syms[i])
+          i += 1
+      symbols[w] = tuple(out)
+  return vocab, merges
 
 
 def _add_word_final_bytes(tok: Any, alphabet: Sequence[str]) -> None:

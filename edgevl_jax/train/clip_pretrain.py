@@ -29,6 +29,7 @@ import os
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -190,8 +191,14 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     corpus = _captions(train_src) + [
         t.format(n) for n in info.superset_vocabulary
         for t in info.prompt_templates]
-    clip.train_tokenizer(corpus, out_dir, vocab_size=config.model.vocab_size,
-                         model_max_length=config.model.max_length)
+    # BPE training (HF tokenizers) breaks count ties in hash order, which
+    # differs between processes: one process trains, the others read its
+    # files from the shared workdir, so every process tokenises alike.
+    if jax.process_index() == 0:
+      clip.train_tokenizer(corpus, out_dir,
+                           vocab_size=config.model.vocab_size,
+                           model_max_length=config.model.max_length)
+    multihost_utils.sync_global_devices("clip_pretrain: tokenizer written")
     tokenizer = clip.load_tokenizer(out_dir)
     model = clip.CLIP(config=build_hf_config(
         config.model, image_size=config.image_size,
