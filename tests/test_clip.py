@@ -2,6 +2,8 @@
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import os
+
 import numpy as np
 import pytest
 import transformers
@@ -222,3 +224,19 @@ def test_normalize():
     preprocess.normalize(x, kind="laion")
   with pytest.raises(ValueError, match=r"3 channels.*\(2, 4, 4, 1\)"):
     preprocess.normalize(x[..., :1])
+
+
+def test_trained_tokenizer_is_deterministic(tmp_path):
+  # HF's BPE trainer broke count ties in hash order (a new vocabulary per
+  # process); ties now go to the smallest pair, so files are byte-identical.
+  corpus = [f"a {c} {s} on a {f} floor." for c in ("red", "blue", "pink")
+            for s in ("cube", "torus", "arch") for f in ("grey", "tiled")]
+  files = []
+  for i in range(2):
+    path = clip.train_tokenizer(corpus * 3, tmp_path / str(i), vocab_size=330)
+    files.append([open(os.path.join(path, n), "rb").read()
+                  for n in ("vocab.json", "merges.txt")])
+  assert files[0] == files[1]
+  tok = clip.load_tokenizer(str(tmp_path / "0"))
+  assert len(tok) >= 330  # merges learnt up to the requested size
+  assert tok.tokenize("torus") == ["torus</w>"]
