@@ -1,9 +1,9 @@
 """Flax CLIP: sharding, bfloat16, op injection, tokenizer, zero-shot, preprocess."""
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import os
-
 import numpy as np
 import pytest
 import transformers
