@@ -50,6 +50,11 @@ def _env(devices):
           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
 
 
+def _read_jsonl(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
 def _prepare_data(data_dir):
   """Builds the quick demo dataset once, so concurrent runs only read it."""
   spec = importlib.util.spec_from_file_location("demo_cfg",
@@ -61,12 +66,6 @@ def _prepare_data(data_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=False,
-    reason="2 processes first trained on doubled global batches (fixed: "
-    "trainers now load batch_size // process_count per process); grain's "
-    "per-process shards also order examples differently from one process, "
-    "so the runs may still differ by more than one test example")
 def test_two_processes_match_one_process(tmp_path):
   data_dir = tmp_path / "tfds"
   _prepare_data(data_dir)
@@ -100,14 +99,25 @@ def test_two_processes_match_one_process(tmp_path):
   # Same global batches, so the same training up to reduction order.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(
       np.asarray(a), np.asarray(b), atol=2e-3), p1, p2)
+  # Same examples, crops and texts per step: the logged training losses
+  # agree to float noise (a different batch moves them by percents).
+  for stage in ("0_clip_pretrain", "2_dual_modality_kd"):
+    l1, l2 = [[r["loss"] for r in _read_jsonl(tmp_path / run / stage /
+                                              "metrics.jsonl")]
+              for run in ("one", "two")]
+    assert len(l1) == len(l2) >= 2
+    np.testing.assert_allclose(l1, l2, rtol=1e-4)
   r1 = metrics_lib.read_report(tmp_path / "one")
   r2 = metrics_lib.read_report(tmp_path / "two")
   for model in ("teacher", "student_fp32", "student_int8_static",
                 "student_int8_dynamic"):
+    # Within one test example in float; the int8 students of this 8-step
+    # run sit at near-tied logits, where fake-quant rounding turns the
+    # 1e-7 float differences of the two reduction orders into a few flips.
+    tol = (1 if "fp32" in model or model == "teacher" else 3) / NUM_TEST
     for modality in ("rgb", "depth"):
       a = r1["zero_shot"][model][modality]
       b = r2["zero_shot"][model][modality]
       assert 0.0 <= a <= 1.0
-      # Within one test example.
-      assert abs(a - b) <= 1.0 / NUM_TEST + 1e-9, (model, modality, a, b)
+      assert abs(a - b) <= tol + 1e-9, (model, modality, a, b)
   assert r1["model_bytes"] == r2["model_bytes"]
