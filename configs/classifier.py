@@ -27,7 +27,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 0
   c.num_models = 3
   c.log_every = 20
-  c.ckpt_every = None
+  c.ckpt_every = ml_collections.config_dict.placeholder(int)
   c.augment = ml_collections.ConfigDict(dict(crop_padding=2, flip=False))
   c.optim = ml_collections.ConfigDict(dict(
       name="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="cosine"))

@@ -44,7 +44,7 @@ def clip_pretrain(shared, *, model, batch_size, num_steps, optim,
                 batch_size=batch_size, num_steps=num_steps, optim=optim,
                 crop_scale=crop_scale, normalization="clip", init_from="",
                 prompt_fraction=prompt_fraction, loss=loss,
-                eval_batch_size=256, log_every=log_every, ckpt_every=None)
+                eval_batch_size=256, log_every=log_every, ckpt_every=ml_collections.config_dict.placeholder(int))
 
 
 def pseudo_labels(shared, *, teacher, kept_fraction,
@@ -70,7 +70,7 @@ def dual_modality_kd(shared, *, teacher, pseudo, student, batch_size,
                 student_inputs=student_inputs,
                 teacher_cache=dict(num_views=cache_views),
                 student_sharding="replicated", eval_batch_size=256,
-                log_every=log_every, ckpt_every=None)
+                log_every=log_every, ckpt_every=ml_collections.config_dict.placeholder(int))
 
 
 def qat_contrastive(shared, *, init_from, teacher, pseudo, batch_size,
@@ -83,7 +83,7 @@ def qat_contrastive(shared, *, init_from, teacher, pseudo, batch_size,
                 eval_every=eval_every, crop_scale=crop_scale, mining=mining,
                 mining_space=mining_space, margin=margin,
                 max_negatives=max_negatives, quant="int8",
-                eval_batch_size=256, log_every=log_every, ckpt_every=None)
+                eval_batch_size=256, log_every=log_every, ckpt_every=ml_collections.config_dict.placeholder(int))
 
 
 def evaluate(shared, *, teacher, student, student_fp32, pseudo,

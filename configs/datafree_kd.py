@@ -74,7 +74,7 @@ def _datafree(p: dict, data_dir: str) -> ml_collections.ConfigDict:
       enabled=True, fraction=0.01, steps=200, lr=1e-2))
   c.log_every = 50
   c.ckpt_every = 500
-  c.eval_every = None
+  c.eval_every = ml_collections.config_dict.placeholder(int)
   return c
 
 

@@ -31,10 +31,12 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from edgevl_jax.train import checkpoint
 from edgevl_jax.train import config_utils
 from edgevl_jax.train import loop
 from edgevl_jax.train import metrics
 from edgevl_jax.train import registry
+from edgevl_jax.train import workdir_lock
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file (get_config(arg)); FILE.py[:ARG].',
@@ -88,8 +90,12 @@ def check_saved_config(workdir: str, config_dict: dict, on_change: str) -> None:
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
     return
-  with open(path) as f:
-    saved = json.load(f)
+  try:
+    saved = metrics.read_json(path, fix='it records the config of an earlier '
+                              'run in this workdir: delete it to adopt this '
+                              "run's config, or use a fresh --workdir")
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   changed = [k for k in config_utils.diff_keys(saved, config_dict)
              if k.rsplit('.', 1)[-1] not in RESUME_SAFE_KEYS]
   if not changed:
@@ -103,23 +109,28 @@ def check_saved_config(workdir: str, config_dict: dict, on_change: str) -> None:
 
 
 def run(config, workdir: str, on_config_change: str = 'error') -> dict:
-  """Validates, records the config, runs the trainer, writes report.json."""
+  """Validates, locks the workdir, records the config, runs the trainer.
+
+  Nothing is written to the workdir before the config has passed
+  validation, so a fixed re-run is never refused as "config differs".
+  """
   try:
+    workdir_lock.check_writable(workdir)
     trainer = registry.validate(config)
   except ValueError as e:
     raise app.UsageError(f'Invalid config: {e}') from e
   config_dict = config_utils.to_dict(config)
   check_saved_config(workdir, config_dict, on_config_change)
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    metrics.atomic_write_text(os.path.join(workdir, CONFIG_FILE),
-                              json.dumps(config_dict, indent=2,
-                                         sort_keys=True) + '\n')
-  logging.info('trainer %s, workdir %s, %d processes, %d devices',
-               config.trainer, workdir, jax.process_count(),
-               jax.device_count())
-  report = trainer.train_and_evaluate(config, workdir)
-  metrics.write_report(workdir, report)
+  with workdir_lock.hold(workdir):
+    if jax.process_index() == 0:
+      metrics.atomic_write_text(os.path.join(workdir, CONFIG_FILE),
+                                json.dumps(config_dict, indent=2,
+                                           sort_keys=True) + '\n')
+    logging.info('trainer %s, workdir %s, %d processes, %d devices',
+                 config.trainer, workdir, jax.process_count(),
+                 jax.device_count())
+    report = trainer.train_and_evaluate(config, workdir)
+    metrics.write_report(workdir, report)
   return report
 
 
@@ -132,6 +143,12 @@ def parse_flags(argv: list[str]) -> list[str]:
   """
   try:
     return flags.FLAGS(argv)
+  except config_flags.config_flags.UnsupportedOperationError as e:
+    sys.exit(f'FATAL Flags parsing error: {str(e).split(". Currently")[0]}.')
+  except flags.IllegalFlagValueError as e:
+    # 'flag --config.seed=abc: invalid literal for int() ...'
+    sys.exit(f'FATAL Flags parsing error: {str(e).splitlines()[0]} (the '
+             'value does not have the type of that config key).')
   except (AttributeError, KeyError, TypeError, ValueError) as e:
     bad = [a.split('=', 1)[0] for a in argv[1:] if a.startswith('--config.')]
     detail = e
@@ -163,6 +180,10 @@ def main(argv: list[str]) -> None:
   except loop.Preempted as e:
     logging.warning('%s', e)
     sys.exit(str(e))
+  except (workdir_lock.WorkdirBusyError,
+          checkpoint.CorruptCheckpointError,
+          checkpoint.IncompatibleCheckpointError) as e:
+    sys.exit(f'FATAL {e}')
 
 
 if __name__ == '__main__':

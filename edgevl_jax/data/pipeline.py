@@ -29,10 +29,12 @@ arguments replays the same batches, and `iterator.get_state()` /
 `set_state()` (or orbax with `grain.checkpoint.CheckpointHandler`, see
 `checkpoint.py`) resume mid-epoch exactly.
 """
+import hashlib
 from typing import Any, Sequence
 
 from absl import flags
 import grain
+
 import jax
 import numpy as np
 
@@ -72,6 +74,12 @@ class SubsetSource:
   def __len__(self) -> int:
     return int(self.indices.size)
 
+  def __repr__(self) -> str:
+    # Deterministic (grain stores it in iterator checkpoints and compares
+    # it on restore): the subset's identity, not its memory address.
+    digest = _digest(self.indices, self.pseudo_labels)
+    return f"SubsetSource({self.source!r}, n={len(self)}, sha1={digest})"
+
   def __getitem__(self, i: int) -> Record:
     rec = dict(self.source[int(self.indices[i])])
     if self.pseudo_labels is not None:
@@ -88,6 +96,9 @@ class _PaddedSource:
 
   def __len__(self) -> int:
     return self.length
+
+  def __repr__(self) -> str:
+    return f"PaddedSource({self.source!r}, length={self.length})"
 
   def __getitem__(self, i: int) -> Record:
     valid = i < len(self.source)
@@ -106,9 +117,22 @@ class _TripletSource:
   def __len__(self) -> int:
     return len(self.triplets)
 
+  def __repr__(self) -> str:
+    return (f"TripletSource({self.source!r}, n={len(self)}, "
+            f"sha1={_digest(self.triplets)})")
+
   def __getitem__(self, r: int) -> Record:
     return {"records": [None if j < 0 else self.source[int(j)]
                         for j in self.triplets[int(r)]]}
+
+
+def _digest(*arrays: np.ndarray | None) -> str:
+  """Short content hash of index arrays (None entries skipped)."""
+  h = hashlib.sha1()
+  for a in arrays:
+    if a is not None:
+      h.update(np.ascontiguousarray(a).tobytes())
+  return h.hexdigest()[:12]
 
 
 def _shard(shard_index: int | None, shard_count: int | None,

@@ -9,6 +9,18 @@ Each checkpoint `<dir>/<step>/` holds three items:
 Orbax writes into a temporary folder and renames it when complete, so a crash
 mid-save leaves the previous checkpoint intact; unfinished temporary folders
 are ignored on restore. Teachers are never saved here.
+
+Typed PRNG keys (`jax.random.key`, any impl) are stored as their uint32 key
+data and restored as typed keys; the compatibility check compares that key
+data's shape and dtype.
+
+Damaged checkpoints: `restore_latest` tries the newest checkpoint first; one
+that cannot be read (truncated array file, missing or garbled metadata,
+garbled extras or iterator state) is named in a warning, moved aside to
+`<directory>.corrupt/` (nothing is deleted) and the next older one is tried.
+Only when none is intact does it stop, naming every checkpoint it tried. A
+checkpoint that reads fine but does not fit the run (another model or
+optimiser) is not skipped: that is a config error, reported at once.
 """
 from __future__ import annotations
 
@@ -16,14 +28,44 @@ import dataclasses
 import json
 import logging
 import os
+import time
 from typing import Any, Mapping
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
 STATE, DATA, EXTRAS = 'state', 'data', 'extras'
+# Checkpoints kept by default: two, so that a damaged newest one has a
+# fallback.
+DEFAULT_MAX_TO_KEEP = 2
+CORRUPT_SUFFIX = '.corrupt'
+
+
+class CorruptCheckpointError(ValueError):
+  """A checkpoint folder exists but cannot be read back."""
+
+
+class IncompatibleCheckpointError(ValueError):
+  """A readable checkpoint that does not fit the run's state."""
+
+
+def _one_line(error: BaseException, limit: int = 240) -> str:
+  """The first line of an error, shortened (TensorStore errors are huge)."""
+  text = str(error).strip().splitlines()[0] if str(error).strip() else ''
+  text = text or type(error).__name__
+  return text if len(text) <= limit else text[:limit] + '...'
+
+
+def _all_processes_agree(ok: bool) -> bool:
+  """True only if `ok` on every process (a restore either works everywhere
+  or is retried everywhere with the same older step)."""
+  if jax.process_count() == 1:
+    return ok
+  oks = multihost_utils.process_allgather(np.asarray(ok, np.int32))
+  return bool(np.all(oks))
 
 
 class DataIteratorHandler(ocp.CheckpointHandler):
@@ -47,9 +89,22 @@ class DataIteratorHandler(ocp.CheckpointHandler):
       raise ValueError(
           f'{path} does not exist: the checkpoint was written by a run with a '
           f'different process count or without a data iterator.')
-    record = json.loads(path.read_text())
-    state = record['state']
-    args.item.set_state(state.encode() if record['kind'] == 'bytes' else state)
+    try:
+      record = json.loads(path.read_text())
+      state = record['state']
+      state = state.encode() if record['kind'] == 'bytes' else state
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+      raise ValueError(f'{path} holds no readable data-iterator state '
+                       f'({_one_line(e)}).') from e
+    try:
+      args.item.set_state(state)
+    except Exception as e:  # pylint: disable=broad-except
+      # Readable state that this iterator refuses (another dataset, subset
+      # or batch size): a config change, not damage.
+      raise IncompatibleCheckpointError(
+          f'{path}: the data iterator refuses the saved position '
+          f'({_one_line(e)}); the data config changed since this checkpoint.'
+          ' Use a fresh --workdir or the config that wrote it.') from e
     start = getattr(args.item, 'start_prefetch', None)
     if callable(start):
       start()
@@ -96,9 +151,24 @@ def _key_str(path) -> str:
   return '.'.join(str(n) for n in names)
 
 
-def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+def _stored_signature(x: Any) -> tuple[tuple[int, ...], str | None]:
+  """(shape, dtype) of a leaf as it is stored in a checkpoint.
+
+  A typed PRNG key array of shape S is stored as its key data, uint32
+  S + (2,) for threefry or S + (4,) for rbg keys.
+  """
+  dtype = getattr(x, 'dtype', None)
+  if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.extended):
+    data = jax.eval_shape(jax.random.key_data,
+                          jax.ShapeDtypeStruct(x.shape, dtype))
+    return tuple(data.shape), str(data.dtype)
+  return tuple(getattr(x, 'shape', ())), None if dtype is None else str(
+      np.dtype(dtype))
+
+
+def _signatures(tree: Any) -> dict[str, tuple[tuple[int, ...], str | None]]:
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {_key_str(p): tuple(getattr(x, 'shape', ())) for p, x in leaves}
+  return {_key_str(p): _stored_signature(x) for p, x in leaves}
 
 
 class Checkpointer:
@@ -106,14 +176,18 @@ class Checkpointer:
 
   Args:
     directory: folder of the checkpoints (created), e.g. WORKDIR/checkpoints.
-    max_to_keep: number of most recent checkpoints kept.
+    max_to_keep: number of most recent checkpoints kept (>= 1; the default 2
+      leaves a fallback when the newest is damaged).
     async_save: write in a background thread (arrays are copied to host
       before `save` returns, so donating the state afterwards is safe).
   """
 
-  def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3,
+  def __init__(self, directory: str | os.PathLike, *,
+               max_to_keep: int = DEFAULT_MAX_TO_KEEP,
                async_save: bool = True):
     self.directory = epath.Path(directory).absolute()
+    if int(max_to_keep) < 1:
+      raise ValueError(f'max_to_keep must be >= 1, found {max_to_keep}.')
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=True,
         enable_async_checkpointing=async_save)
@@ -174,8 +248,9 @@ class Checkpointer:
       (state, extras).
 
     Raises:
-      ValueError: naming the path and the first mismatching key when the
-        checkpoint does not fit `target`, or when it cannot be read.
+      IncompatibleCheckpointError: naming the path and the first mismatching
+        key when the checkpoint does not fit `target`.
+      CorruptCheckpointError: naming the path when it cannot be read.
     """
     path = self.directory / str(step)
     abstract = abstract_like(target)
@@ -186,46 +261,106 @@ class Checkpointer:
       items[DATA] = DataRestore(data_iterator)
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-    except Exception as e:
-      raise ValueError(f'Cannot restore checkpoint {path}: {e}. Use a fresh '
-                       '--workdir, or the config that wrote it.') from e
-    return restored[STATE], dict(restored[EXTRAS] or {})
+      extras = restored[EXTRAS]
+      if extras is not None and not isinstance(extras, Mapping):
+        raise ValueError(f'extras are a {type(extras).__name__}, not a dict')
+    except Exception as e:  # orbax/TensorStore raise many types.
+      cause = e
+      while cause is not None:
+        if isinstance(cause, IncompatibleCheckpointError):
+          raise IncompatibleCheckpointError(str(cause)) from e
+        cause = cause.__cause__ or cause.__context__
+      raise CorruptCheckpointError(
+          f'Checkpoint {path} is unreadable: {_one_line(e)}') from e
+    return restored[STATE], dict(extras or {})
 
   def restore_latest(self, target: Any, data_iterator: Any = None
                      ) -> tuple[Any, dict[str, Any]] | None:
-    """`restore` of the newest checkpoint; None if there is none."""
-    step = self.latest_step()
-    if step is None:
-      return None
-    logging.info('Restoring checkpoint %s/%d', self.directory, step)
-    return self.restore(step, target, data_iterator)
+    """`restore` of the newest intact checkpoint; None if there is none.
+
+    A damaged checkpoint is named in a warning, moved to
+    `<directory>.corrupt/<step>-<time>` and the next older one is tried
+    (every process takes the same decision).
+
+    Raises:
+      IncompatibleCheckpointError: the newest readable checkpoint does not
+        fit `target` (config changed).
+      CorruptCheckpointError: checkpoints exist but none is intact; the
+        message names each one tried and why it failed.
+    """
+    tried = []
+    for step in sorted(self.all_steps(), reverse=True):
+      logging.info('Restoring checkpoint %s/%d', self.directory, step)
+      error = None
+      try:
+        out = self.restore(step, target, data_iterator)
+      except CorruptCheckpointError as e:
+        error = e
+      if _all_processes_agree(error is None):
+        if tried:
+          logging.warning('Resumed from checkpoint %s/%d, the newest intact '
+                          'one.', self.directory, step)
+        return out
+      reason = str(error) if error is not None else (
+          f'Checkpoint {self.directory / str(step)} is unreadable on another '
+          'process')
+      tried.append(reason)
+      moved = self._quarantine(step)
+      logging.warning('%s; moved it to %s and falling back to an older '
+                      'checkpoint.', reason, moved)
+    if tried:
+      raise CorruptCheckpointError(
+          f'No intact checkpoint in {self.directory}; tried (newest first): '
+          + ' | '.join(tried) + '. The damaged folders were moved to '
+          f'{self.directory}{CORRUPT_SUFFIX}/. Use a fresh --workdir, or '
+          'restore a checkpoint folder from a backup.')
+    return None
+
+  def _quarantine(self, step: int) -> str:
+    """Moves checkpoint `step` aside (process 0) so a new one can be saved."""
+    target = epath.Path(f'{self.directory}{CORRUPT_SUFFIX}') / (
+        f'{step}-{time.strftime("%Y%m%d-%H%M%S")}')
+    if jax.process_index() == 0:
+      target.parent.mkdir(parents=True, exist_ok=True)
+      (self.directory / str(step)).rename(target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'checkpoint quarantine {step}')
+    self._manager.reload()
+    return os.fspath(target)
 
   def _check_compatible(self, step: int, path: epath.Path,
                         abstract: Any) -> None:
     try:
       meta = self.item_metadata(step)
     except Exception as e:
-      raise ValueError(f'Checkpoint {path} is unreadable: {e}. Use a fresh '
-                       '--workdir or delete the broken step folder.') from e
+      raise CorruptCheckpointError(
+          f'Checkpoint {path} is unreadable: its metadata cannot be read '
+          f'({_one_line(e)})') from e
     if meta is None:
       return
-    saved = _shapes(meta)
-    wanted = _shapes(abstract)
+    saved = _signatures(meta)
+    wanted = _signatures(abstract)
+    fix = 'Use a fresh --workdir or the config that wrote it.'
     # Target order (step, params, opt_state...): the first key named is the
     # most telling one.
     for key in list(wanted) + [k for k in saved if k not in wanted]:
       if key not in saved:
-        raise ValueError(f'Checkpoint {path} has no entry {key!r} that this '
-                         'run expects (model/optimiser config changed?). Use a '
-                         'fresh --workdir or the config that wrote it.')
+        raise IncompatibleCheckpointError(
+            f'Checkpoint {path} has no entry {key!r} that this run expects '
+            f'(model/optimiser config changed?). {fix}')
       if key not in wanted:
-        raise ValueError(f'Checkpoint {path} has entry {key!r} that this run '
-                         'does not expect (model/optimiser config changed?). '
-                         'Use a fresh --workdir or the config that wrote it.')
-      if saved[key] != wanted[key]:
-        raise ValueError(f'Checkpoint {path}: {key!r} has shape {saved[key]} '
-                         f'but this run expects {wanted[key]}. Use a fresh '
-                         '--workdir or the config that wrote it.')
+        raise IncompatibleCheckpointError(
+            f'Checkpoint {path} has entry {key!r} that this run does not '
+            f'expect (model/optimiser config changed?). {fix}')
+      (s_shape, s_dtype), (w_shape, w_dtype) = saved[key], wanted[key]
+      if s_shape != w_shape:
+        raise IncompatibleCheckpointError(
+            f'Checkpoint {path}: {key!r} has shape {s_shape} but this run '
+            f'expects {w_shape}. {fix}')
+      if s_dtype and w_dtype and s_dtype != w_dtype:
+        raise IncompatibleCheckpointError(
+            f'Checkpoint {path}: {key!r} has dtype {s_dtype} but this run '
+            f'expects {w_dtype}. {fix}')
 
   def item_metadata(self, step: int) -> Any:
     """The saved TrainState's tree of array metadata (shapes, dtypes)."""

@@ -240,7 +240,7 @@ def _train_one(config: Any, trainer: _Trainer, train: tuple, test: tuple,
       trainer.init_fn, trainer.tx, jax.random.PRNGKey(seed), mesh=mesh)
   step = trainer.step(state_sh)
   with checkpoint_lib.Checkpointer(os.path.join(model_dir, "checkpoints"),
-                                   max_to_keep=1) as ckpt, \
+                                   max_to_keep=config.get("max_to_keep", checkpoint_lib.DEFAULT_MAX_TO_KEEP)) as ckpt, \
       metrics_lib.MetricWriter(model_dir, total_steps=num_steps,
                                tensorboard=False) as writer:
     state, _ = loop.fit(
@@ -284,7 +284,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   all_logits, dirs = [], []
   for i in range(config.num_models):
     model_dir = os.path.join(workdir, f"model_{i}")
-    dirs.append(model_dir)
+    dirs.append(os.path.relpath(model_dir, workdir))
     all_logits.append(_train_one(config, trainer, train, test, model_dir,
                                  int(config.seed) + 1000 * i))
   each = [accuracy(l, test[1]) for l in all_logits]

@@ -241,7 +241,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
       crop_scale=tuple(config.crop_scale))
   batches = iter(loader)
   with checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                   max_to_keep=1) as ckpt, \
+                                   max_to_keep=config.get("max_to_keep", checkpoint_lib.DEFAULT_MAX_TO_KEEP)) as ckpt, \
       metrics_lib.MetricWriter(workdir, total_steps=config.num_steps) as w:
     state, summary = loop.fit(
         state, step, batches, num_steps=config.num_steps, checkpointer=ckpt,
@@ -263,7 +263,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   metrics_lib.plot_curves(os.path.join(workdir, metrics_lib.METRICS_FILE),
                           os.path.join(workdir, "loss.png"),
                           title="CLIP pretraining")
-  return {"teacher_path": out_dir,
+  return {"teacher_path": artefacts.TEACHER_DIR,
           "clip_pretrain": {"val_top1_rgb": acc["rgb"],
                             f"val_top1_{info.other_modality}": acc["other"],
                             "loss": summary.get("loss")}}

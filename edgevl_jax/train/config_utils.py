@@ -89,6 +89,15 @@ def get(config: Any, key: str, default: Any = None) -> Any:
 _MISSING = object()
 
 
+def is_reference(value: Any) -> bool:
+  """Whether `value` is a pipeline reference ('@stage/key'), resolved later.
+
+  Validators skip the checks that need the referenced value (a folder's
+  contents, a report number) and check it once the pipeline resolves it.
+  """
+  return isinstance(value, str) and value.startswith('@') and '/' in value
+
+
 def require(config: Any, key: str, *, allowed: Iterable[Any] | None = None,
             types: type | tuple[type, ...] | None = None,
             check: Callable[[Any], bool] | None = None,

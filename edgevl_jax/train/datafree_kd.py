@@ -398,7 +398,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
                 logits.mean(0).argmax(-1) == t_logits.mean(0).argmax(-1)))}
 
   with checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                   max_to_keep=2) as ckpt, \
+                                   max_to_keep=config.get("max_to_keep", checkpoint_lib.DEFAULT_MAX_TO_KEEP)) as ckpt, \
       metrics_lib.MetricWriter(workdir, total_steps=total,
                                tensorboard=False) as writer:
     state, summary = loop.fit(

@@ -167,7 +167,7 @@ def train_variant(config: Any, model: StudentWithBranches, teacher: Any,
       train_step, in_shardings=(state_sh, mesh_lib.batch_sharding(mesh)),
       out_shardings=(state_sh, mesh_lib.replicated(mesh)), donate_argnums=0)
   with checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                   max_to_keep=1) as ckpt, \
+                                   max_to_keep=config.get("max_to_keep", checkpoint_lib.DEFAULT_MAX_TO_KEEP)) as ckpt, \
       metrics_lib.MetricWriter(workdir, total_steps=num_steps,
                                tensorboard=False) as writer:
     state, _ = loop.fit(

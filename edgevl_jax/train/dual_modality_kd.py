@@ -387,7 +387,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   best = dict(artefacts_best(workdir))
   eval_fn = make_eval_fn(config, model, val_src, text, workdir, meta, best)
   with checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                   max_to_keep=1) as ckpt, \
+                                   max_to_keep=config.get("max_to_keep", checkpoint_lib.DEFAULT_MAX_TO_KEEP)) as ckpt, \
       metrics_lib.MetricWriter(workdir, total_steps=config.num_steps) as w:
     state, summary = loop.fit(
         state, lambda s, b: step_fn(s, t_params, b), batches,
@@ -399,7 +399,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
                           os.path.join(workdir, "loss.png"),
                           title="Dual-modality KD")
   other = info.other_modality
-  return {"student_path": workdir,
+  return {"student_path": ".",
           "kd": {"best_val_top1_rgb": best.get("rgb"),
                  f"best_val_top1_{other}": best.get("other"),
                  "best_step": best.get("step"),

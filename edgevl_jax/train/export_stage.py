@@ -75,7 +75,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
       os.path.join(workdir, "student.json"),
       json.dumps({**meta, "quant": "int8_static"}, indent=2))
   report = {
-      "export_dir": out,
+      "export_dir": EXPORT_DIR,
       "model_bytes": {"teacher_fp32": int(teacher_bytes),
                       "student_fp32": int(student_fp32),
                       "student_int8": int(student_int8),

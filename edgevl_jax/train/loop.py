@@ -33,6 +33,9 @@ import numpy as np
 from edgevl_jax.train import checkpoint as checkpoint_lib
 from edgevl_jax.train import metrics as metrics_lib
 
+# Checkpoint extras written by `fit`.
+SUMMARY, PENDING, LAST_EVAL = 'summary', 'pending_metrics', 'last_eval'
+
 
 class NonFiniteError(FloatingPointError):
   """A loss or gradient norm became NaN/Inf; the run stopped unsaved.
@@ -132,6 +135,7 @@ def fit(state: Any,
         guard_keys: Sequence[str] | None = None,
         resume: bool = True,
         handle_preemption: bool = True,
+        on_state: Callable[[Any], None] | None = None,
         ) -> tuple[Any, dict[str, Any]]:
   """Runs `train_step` until `state.step == num_steps`.
 
@@ -158,6 +162,9 @@ def fit(state: Any,
     resume: restore the latest checkpoint first (if any).
     handle_preemption: on SIGTERM, finish the current step, checkpoint it and
       raise `Preempted` (a re-run resumes from there).
+    on_state: called with the live state before the first step (after any
+      restore) and after every step, e.g. for an iterator that mines with
+      the current params.
 
   Returns:
     (final state, summary): summary holds the last logged train metrics and
@@ -169,25 +176,30 @@ def fit(state: Any,
   """
   if data_iterator is None and hasattr(batches, 'get_state'):
     data_iterator = batches
+  summary: dict[str, Any] = {}
+  # (step, metrics) of the current log window: device scalars, or host
+  # floats restored from a preemption checkpoint.
+  pending: list[tuple[int, Mapping[str, Any]]] = []
+  last_eval = None
   if checkpointer is not None and resume:
     restored = checkpointer.restore_latest(state, data_iterator)
     if restored is not None:
-      state = restored[0]
+      state, extras = restored
+      summary.update(extras.get(SUMMARY, {}))
+      pending = [(int(s), dict(m)) for s, m in extras.get(PENDING, [])]
+      last_eval = extras.get(LAST_EVAL)
   step = int(jax.device_get(state.step))
+  if on_state is not None:
+    on_state(state)
   if writer is not None:
     writer.progress(step)
-  summary: dict[str, Any] = {}
-  pending: list[tuple[int, Mapping[str, jax.Array]]] = []
   window_start, window_steps = time.perf_counter(), 0
 
   def last_ckpt():
     return None if checkpointer is None else checkpointer.latest_step()
 
-  def flush() -> None:
-    """Fetches pending metrics, guards them, logs the window mean."""
-    nonlocal pending, window_start, window_steps
-    if not pending:
-      return
+  def fetch_and_guard() -> list[Mapping[str, Any]]:
+    """Host values of the pending metrics; NonFiniteError on a NaN/Inf."""
     host = jax.device_get([m for _, m in pending])
     for (s, _), values in zip(pending, host):
       bad = check_finite(values, guard_keys)
@@ -197,6 +209,14 @@ def fit(state: Any,
         raise NonFiniteError(s, bad[0], bad[1], last_ckpt(),
                              None if checkpointer is None
                              else str(checkpointer.directory))
+    return host
+
+  def flush() -> None:
+    """Fetches pending metrics, guards them, logs the window mean."""
+    nonlocal pending, window_start, window_steps
+    if not pending:
+      return
+    host = fetch_and_guard()
     mean = {k: float(np.mean([np.asarray(v[k], np.float64) for v in host]))
             for k in host[-1]}
     elapsed = time.perf_counter() - window_start
@@ -208,7 +228,14 @@ def fit(state: Any,
                                        if 'loss' in k})
     pending, window_start, window_steps = [], time.perf_counter(), 0
 
-  last_eval, last_save = None, step
+  def save(window: list[tuple[int, Mapping[str, Any]]] = ()) -> None:
+    """Checkpoints `state`, with what a resumed run needs to log alike."""
+    checkpointer.save(state, step=step, data_iterator=data_iterator, extras={
+        SUMMARY: metrics_lib.jsonable(summary),
+        PENDING: [[s, metrics_lib.jsonable(m)] for s, m in window],
+        LAST_EVAL: last_eval})
+
+  last_save = step
 
   def evaluate() -> None:
     nonlocal last_eval
@@ -225,6 +252,8 @@ def fit(state: Any,
       if prepare_batch is not None:
         batch = prepare_batch(batch)
       state, step_metrics = train_step(state, batch)
+      if on_state is not None:
+        on_state(state)
       step += 1
       window_steps += 1
       pending.append((step, step_metrics))
@@ -234,17 +263,21 @@ def fit(state: Any,
         flush()
       elif writer is not None:
         writer.progress(step)
-      if save_now:
-        checkpointer.save(state, step=step, data_iterator=data_iterator)
-        last_save = step
       if eval_fn is not None and eval_every and step % eval_every == 0:
         evaluate()
+      if save_now:
+        save()
+        last_save = step
       if preemption.reached(step):
-        flush()
         if checkpointer is not None:
+          # The open log window travels in the checkpoint, so the resumed
+          # run logs the same window means as an uninterrupted one.
+          window = list(zip([s for s, _ in pending], fetch_and_guard()))
           if last_save != step:
-            checkpointer.save(state, step=step, data_iterator=data_iterator)
+            save(window)
           checkpointer.wait()
+        else:
+          flush()
         raise Preempted(step, None if checkpointer is None
                         else str(checkpointer.directory))
   finally:
@@ -254,7 +287,7 @@ def fit(state: Any,
     evaluate()
   if checkpointer is not None:
     if last_save != step and checkpointer.latest_step() != step:
-      checkpointer.save(state, step=step, data_iterator=data_iterator)
+      save()
     checkpointer.wait()
   logging.info('fit: finished at step %d', step)
   return state, summary

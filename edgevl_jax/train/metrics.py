@@ -8,6 +8,7 @@ does with `dedupe=True`).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
@@ -63,7 +64,9 @@ class MetricWriter:
     if not self._main:
       return
     os.makedirs(self.workdir, exist_ok=True)
-    self._file = open(os.path.join(self.workdir, METRICS_FILE), 'a')
+    path = os.path.join(self.workdir, METRICS_FILE)
+    repair_torn_jsonl(path)
+    self._file = open(path, 'a')
     if tensorboard:
       import tensorboardX  # pylint: disable=g-import-not-at-top
       self._tb = tensorboardX.SummaryWriter(os.path.join(self.workdir, 'tb'))
@@ -112,6 +115,28 @@ class MetricWriter:
     self.close()
 
 
+def repair_torn_jsonl(path: str | os.PathLike) -> int:
+  """Cuts a partial last line (a write cut by a crash) off a JSONL file.
+
+  Returns:
+    The number of bytes removed (0 when the file ends with a newline or
+    does not exist).
+  """
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    return 0
+  with open(path, 'rb+') as f:
+    data = f.read()
+    if not data or data.endswith(b'\n'):
+      return 0
+    keep = data.rfind(b'\n') + 1
+    f.truncate(keep)
+  removed = len(data) - keep
+  logging.warning('%s ended in a partial line (%d bytes, a write cut by a '
+                  'crash); removed it before appending.', path, removed)
+  return removed
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
   """Writes `text` to a temporary file in the same folder, then renames it."""
   path = os.fspath(path)
@@ -146,8 +171,17 @@ def read_report(workdir: str | os.PathLike) -> dict[str, Any] | None:
   path = os.path.join(os.fspath(workdir), REPORT_FILE)
   if not os.path.exists(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  return read_json(path, fix='delete it to re-run that step')
+
+
+def read_json(path: str | os.PathLike, *, fix: str) -> Any:
+  """json.load of `path`; ValueError naming the file and `fix` if garbled."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f'{os.fspath(path)} is not valid JSON ({e}); {fix}.'
+                     ) from e
 
 
 def read_jsonl(path: str | os.PathLike, dedupe: bool = True
@@ -155,7 +189,21 @@ def read_jsonl(path: str | os.PathLike, dedupe: bool = True
   """Records of a metrics.jsonl; with `dedupe`, the last record per step and
   set of keys wins (a resumed run rewrites the steps after its checkpoint)."""
   with open(path) as f:
-    records = [json.loads(line) for line in f if line.strip()]
+    lines = f.read().split('\n')
+  records = []
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if number == len(lines):  # no newline after it: a torn last write
+        logging.warning('%s: ignoring the partial last line %d.', path,
+                        number)
+        continue
+      raise ValueError(
+          f'{path}, line {number}, is not JSON ({e.msg}); repair or delete '
+          'that line (each line must be one JSON object).') from e
   if not dedupe:
     return records
   last = {}
@@ -235,3 +283,31 @@ def plot_accuracy_table(results: Mapping[str, Mapping[str, float]],
   fig.savefig(out_png, dpi=100)
   plt.close(fig)
   return os.fspath(out_png)
+
+
+# Report keys with these suffixes hold paths relative to the report's folder.
+PATH_KEY_SUFFIXES = ('_path', '_dir', '_dirs')
+
+
+def rebase_paths(report: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+  """Copy of `report` with relative path values prefixed by `prefix`.
+
+  Turns paths relative to a stage folder into paths relative to the folder
+  above it (e.g. 'teacher' -> '0_clip_pretrain/teacher').
+  """
+  out = {}
+  for key, value in report.items():
+    if isinstance(value, Mapping):
+      value = rebase_paths(value, prefix)
+    elif key.endswith(PATH_KEY_SUFFIXES):
+      value = ([_rebase(v, prefix) for v in value]
+               if isinstance(value, list) else _rebase(value, prefix))
+    out[key] = value
+  return out
+
+
+def _rebase(value: Any, prefix: str) -> Any:
+  if (isinstance(value, str) and not os.path.isabs(value)
+      and '://' not in value):
+    return os.path.normpath(os.path.join(prefix, value))
+  return value

@@ -16,8 +16,21 @@ Passing outputs forward: any string value in a stage config of the form
   '@<stage_name>/<dotted.key>'    -> that value of its report.json
 is replaced before the stage runs (e.g. init_from='@dual_modality_kd/workdir').
 References must name an earlier stage. All stages are validated before the
-first one runs; a `validate_config` error about a key that still holds a
-reference is deferred until that reference is resolved.
+first one runs; validators skip only the checks of values that are still
+references (`config_utils.is_reference`), which are checked once resolved.
+
+Paths: a report value whose key ends in `_path` or `_dir` is a path relative
+to the folder of that report.json, so a moved or copied workdir resumes and
+never reads its original's files. References to such keys resolve against
+the stage's current folder.
+
+Changed stages: each stage folder records the stage's config as given
+(references unresolved) in config.json. When a finished stage's recorded
+config differs from this run's in a key that is not resume-safe (possible
+only with --on_config_change=warn, or when the top-level config.json was
+removed), that stage and every stage that refers to it, directly or through
+others, are re-run; their old folders are moved to
+DIR/<i>_<name>.stale-<time>/ (nothing is deleted).
 
 DIR/metrics.jsonl gets one line per stage (step = stage index) with its
 name, seconds and whether it was skipped.
@@ -45,7 +58,11 @@ from edgevl_jax.train import metrics as metrics_lib
 from edgevl_jax.train import registry
 
 TIMING_FILE = 'stage_seconds.json'
+RESOLVED_FILE = 'resolved_config.json'
 _NAME = re.compile(r'^[A-Za-z0-9_-]+$')
+# Keys that may change between a run and its resumption (cadence, display).
+RESUME_SAFE_KEYS = ('log_every', 'ckpt_every', 'ckpt_every_minutes',
+                    'eval_every', 'progress', 'max_to_keep', 'tensorboard')
 
 
 def _stages(config: Any) -> list[Any]:
@@ -83,17 +100,18 @@ def validate_config(config: Any) -> None:
     try:
       registry.validate(stage)
     except ValueError as e:
-      # A value still holding an '@' reference is checked once resolved.
-      if not any(key.rsplit('.', 1)[-1] in str(e)
-                 for key, _ in _references(stage)):
-        raise ValueError(f'config.stages[{i}] ({name}): {e}') from e
+      raise ValueError(f'config.stages[{i}] ({name}): {e}') from e
     seen.append(name)
 
 
 def _references(stage: Any) -> list[tuple[str, str]]:
   flat = config_utils.flatten(config_utils.to_dict(stage))
-  return [(k, v) for k, v in flat.items()
-          if isinstance(v, str) and v.startswith('@') and '/' in v]
+  return [(k, v) for k, v in flat.items() if config_utils.is_reference(v)]
+
+
+def is_path_key(key: str) -> bool:
+  """Report keys holding paths (relative to their report's folder)."""
+  return key.rsplit('.', 1)[-1].endswith(metrics_lib.PATH_KEY_SUFFIXES)
 
 
 def _lookup(report: Mapping[str, Any], key: str, ref: str) -> Any:
@@ -126,7 +144,12 @@ def resolve(stage: Any, outputs: Mapping[str, tuple[str, dict[str, Any]]]
         raise ValueError(f'Reference {value!r}: no finished stage {name!r} '
                          f'(finished: {sorted(outputs)}).')
       workdir, report = outputs[name]
-      return workdir if key == 'workdir' else _lookup(report, key, value)
+      if key == 'workdir':
+        return workdir
+      found = _lookup(report, key, value)
+      if is_path_key(key) and isinstance(found, str):
+        return os.path.normpath(os.path.join(workdir, found))
+      return found
     return value
   resolved = ml_collections.ConfigDict(sub(config_utils.to_dict(stage)))
   resolved.lock()
@@ -144,9 +167,53 @@ def deep_merge(base: dict[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
   return out
 
 
+def _changed(stage: Any, sdir: str) -> list[str]:
+  """Non-resume-safe keys in which the stage's recorded config differs."""
+  path = os.path.join(sdir, 'config.json')
+  if not os.path.exists(path):
+    return []
+  saved = metrics_lib.read_json(path, fix=f'delete {sdir} to re-run the stage')
+  return [k for k in config_utils.diff_keys(saved, config_utils.to_dict(stage))
+          if k.rsplit('.', 1)[-1] not in RESUME_SAFE_KEYS]
+
+
+def stages_to_rerun(config: Any, workdir: str) -> dict[str, list[str]]:
+  """{stage name: why} for stages whose folder must be redone.
+
+  A stage is redone when its recorded config changed (non-resume-safe keys)
+  or when it refers, directly or through others, to a stage being redone.
+  """
+  redo: dict[str, list[str]] = {}
+  for i, stage in enumerate(_stages(config)):
+    sdir = stage_dir(workdir, i, stage.name)
+    changed = _changed(stage, sdir)
+    if changed:
+      redo[stage.name] = [f'config keys {changed} changed']
+    upstream = sorted({ref[1:].split('/', 1)[0]
+                       for _, ref in _references(stage)} & set(redo))
+    if upstream and stage.name not in redo:
+      redo[stage.name] = [f'it uses stage(s) {upstream}, which are redone']
+  return redo
+
+
+def _set_aside(sdir: str) -> str:
+  target = f'{sdir}.stale-{time.strftime("%Y%m%d-%H%M%S")}'
+  os.rename(sdir, target)
+  return target
+
+
 def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   """Runs (or skips finished) stages in order; returns the merged report."""
   validate_config(config)
+  main_process = metrics_lib.is_main_process()
+  redo = stages_to_rerun(config, workdir)
+  for i, stage in enumerate(_stages(config)):
+    sdir = stage_dir(workdir, i, stage.name)
+    why = redo.get(stage.name)
+    if why and os.path.exists(sdir):
+      moved = _set_aside(sdir) if main_process else '(process 0)'
+      logging.warning('pipeline: stage %s is redone because %s; its old '
+                      'folder was moved to %s.', stage.name, why[0], moved)
   outputs: dict[str, tuple[str, dict[str, Any]]] = {}
   merged: dict[str, Any] = {}
   stages_report, workdirs, seconds = {}, {}, {}
@@ -161,20 +228,19 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
                    name, sdir)
       secs = 0.0
       if os.path.exists(timing_path):
-        with open(timing_path) as f:
-          secs = float(json.load(f)['seconds'])
+        secs = float(metrics_lib.read_json(
+            timing_path, fix='delete it (it only records seconds)')['seconds'])
     else:
       logging.info('pipeline: stage %d (%s, trainer %s) in %s', i, name,
                    stage.trainer, sdir)
       resolved = resolve(stage, outputs)
       module = registry.validate(resolved)
-      main_process = metrics_lib.is_main_process()
       if main_process:
         os.makedirs(sdir, exist_ok=True)
-        metrics_lib.atomic_write_text(
-            os.path.join(sdir, 'config.json'),
-            json.dumps(config_utils.to_dict(resolved), indent=2,
-                       sort_keys=True))
+        for file, cfg in (('config.json', stage), (RESOLVED_FILE, resolved)):
+          metrics_lib.atomic_write_text(
+              os.path.join(sdir, file),
+              json.dumps(config_utils.to_dict(cfg), indent=2, sort_keys=True))
       start = time.perf_counter()
       # JSON types, as a skipped stage's report read back from disk has.
       report = metrics_lib.jsonable(
@@ -190,8 +256,11 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
       writer.write(i, {'stage': name, 'seconds': secs,
                        'skipped': skipped})
     outputs[name] = (sdir, report)
-    merged = deep_merge(merged, report)
-    stages_report[name], workdirs[name], seconds[name] = report, sdir, secs
+    # Paths in the merged report are relative to the pipeline's folder.
+    merged = deep_merge(merged, metrics_lib.rebase_paths(
+        report, os.path.relpath(sdir, workdir)))
+    stages_report[name], workdirs[name], seconds[name] = (
+        report, os.path.relpath(sdir, workdir), secs)
   seconds['total'] = sum(seconds.values())
   merged.update(stages=stages_report, workdirs=workdirs, seconds=seconds)
   return merged

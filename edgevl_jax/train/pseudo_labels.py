@@ -106,4 +106,4 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   with metrics_lib.MetricWriter(workdir, tensorboard=False,
                                 progress=False) as writer:
     writer.write(0, report)
-  return {"pseudo_labels_path": path, "pseudo_labels": report}
+  return {"pseudo_labels_path": OUTPUT_FILE, "pseudo_labels": report}

@@ -150,11 +150,6 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
       out_shardings=(state_sh, mesh_lib.replicated(mesh)), donate_argnums=0)
   holder = {}
 
-  def tracked_step(s, b):
-    s, m = step_fn(s, b)
-    holder["state"] = s
-    return s, m
-
   crop = tuple(config.crop_scale)
   local_batch = mesh_lib.per_process_batch(config.batch_size)
   eval_bs = config.get("eval_batch_size", 256)
@@ -188,23 +183,19 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   eval_fn = kd.make_eval_fn(_Cfg(eval_cfg), model, val_src, text, workdir,
                             qmeta, best)
   with checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                   max_to_keep=1) as ckpt, \
+                                   max_to_keep=config.get("max_to_keep", checkpoint_lib.DEFAULT_MAX_TO_KEEP)) as ckpt, \
       metrics_lib.MetricWriter(workdir, total_steps=config.num_steps) as w:
-    restored = ckpt.restore_latest(state, batches)
-    if restored is not None:
-      state = restored[0]
-    holder["state"] = state
     state, summary = loop.fit(
-        state, tracked_step, batches, num_steps=config.num_steps,
+        state, step_fn, batches, num_steps=config.num_steps,
         checkpointer=ckpt, writer=w, log_every=config.get("log_every", 50),
         ckpt_every=config.get("ckpt_every", None), eval_fn=eval_fn,
         eval_every=config.eval_every, prepare_batch=prepare,
-        data_iterator=batches if not online else None, resume=False)
+        on_state=lambda s: holder.update(state=s))
   metrics_lib.plot_curves(os.path.join(workdir, metrics_lib.METRICS_FILE),
                           os.path.join(workdir, "loss.png"),
                           title="QAT contrastive")
   first = getattr(batches, "num_triplets", [])
-  return {"student_path": workdir,
+  return {"student_path": ".",
           "qat": {"best_val_top1_rgb": best.get("rgb"),
                   f"best_val_top1_{info.other_modality}": best.get("other"),
                   "best_step": best.get("step"), "loss": summary.get("loss"),
