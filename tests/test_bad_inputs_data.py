@@ -205,6 +205,10 @@ def test_changed_source_is_refused_then_reprepared(tmp_path):
   os.utime(os.path.join(root, "test", "depth", "0020.png"), (later, later))
   with pytest.raises(ValueError, match="prepared copy is stale"):
     data.load_split("nyuv2", "test", data_dir=out, config=root)
+  with pytest.raises(ValueError, match=r"source folder '/nonexistent' does "
+                     r"not exist, so the prepared copy in .* cannot be "
+                     "checked"):
+    data.load_split("nyuv2", "test", data_dir=out, config="/nonexistent")
   with pytest.raises(ValueError, match="on_source_change='maybe'"):
     data.load_split("nyuv2", "test", data_dir=out, config=root,
                     on_source_change="maybe")

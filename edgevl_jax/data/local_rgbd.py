@@ -221,6 +221,13 @@ def load_split(name: str, split: str, *, data_dir: str,
                      f"of {ON_SOURCE_CHANGE}.")
   b = builder(name, data_dir)
   if b.is_prepared() and source_dir is not None:
+    if not os.path.isdir(source_dir):
+      raise ValueError(
+          f"{name}: source folder {os.fspath(source_dir)!r} does not exist, "
+          "so the prepared copy in "
+          f"{os.fspath(b.data_dir)!r} cannot be checked against it; pass the "
+          "folder it was prepared from, or no source folder (config=None) "
+          "to use the prepared copy as it is.")
     stale = source_mismatch(b, name, os.fspath(source_dir))
     if stale and on_source_change == "error":
       raise ValueError(
