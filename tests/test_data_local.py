@@ -133,8 +133,9 @@ def test_mismatched_pair_sizes_are_named(tmp_path):
       stem = f"office__{k:06d}"
       _img(os.path.join(root, split, "rgb", stem + ".jpg"), h=10, w=14)
       _img(os.path.join(root, split, "depth", stem + ".png"), depth=True)
-  src = data.load_split("sun_rgbd", "test", data_dir=str(tmp_path / "t"),
-                        config=root)
-  with pytest.raises(ValueError, match=r"image sizes differ: rgb \(10, 14\) "
-                     r"vs other \(12, 16\)"):
-    src[0]
+  # Found when preparing (every pair is decoded then), not at first read.
+  with pytest.raises(ValueError, match=r"test record 'office__000000': image "
+                     r"sizes differ: rgb test/rgb/office__000000.jpg is "
+                     r"10x14 but depth test/depth/office__000000.png is 12x16"):
+    data.load_split("sun_rgbd", "test", data_dir=str(tmp_path / "t"),
+                    config=root)

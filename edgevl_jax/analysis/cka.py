@@ -14,7 +14,15 @@ the same n examples through their n x n kernel (Gram) matrices K and L.
 
 Numerics: inputs are cast to float32 (float64 when x64 is enabled and the
 input is float64), features are centred before any product, and every matmul
-runs at HIGHEST precision (no bf16 passes on TPU/GPU).
+runs at HIGHEST precision (no bf16 passes on TPU/GPU). Every representation
+(or Gram matrix) is first divided by the power of two just above its largest
+magnitude (exact in floating point, and CKA is invariant to it: linear CKA to
+any scale, RBF through its median-relative bandwidth), and the denominator
+is sqrt(xx) sqrt(yy), never sqrt(xx yy): without that, float32 products of
+fourth powers overflow for activations of std ~1e4 (CKA came out 0, then
+NaN) and underflow for std ~1e-6 (NaN). `MinibatchCKA` keeps one such scale
+per stage in its state (see `MinibatchCKAState`), so minibatches of very
+different magnitudes are summed consistently.
 
 Degenerate input policy: when a representation has (numerically) zero
 variance across examples, CKA is 0/0; the functions return NaN rather than
@@ -55,6 +63,21 @@ def flatten(x: jax.Array) -> jax.Array:
 
 def _mm(a: jax.Array, b: jax.Array) -> jax.Array:
   return jnp.matmul(a, b, precision=_HIGHEST)
+
+
+def pow2_scale(x: jax.Array, axis=None) -> jax.Array:
+  """The power of two just above max|x| (over `axis`); 1 where x is all 0.
+
+  Dividing by it is exact (no rounding), and brings values into (-1, 1].
+  """
+  m = jnp.max(jnp.abs(x), axis=axis)
+  _, e = jnp.frexp(m)  # m = f 2^e with 0.5 <= f < 1
+  scale = jnp.ldexp(jnp.ones_like(m), e)
+  return jnp.where((m > 0) & jnp.isfinite(m), scale, jnp.ones_like(m))
+
+
+def _unit_scaled(x: jax.Array) -> jax.Array:
+  return x / pow2_scale(x)
 
 
 def _check_kernel(kernel: str, sigma: float | None) -> None:
@@ -136,7 +159,8 @@ def center_gram(k: jax.Array, *, unbiased: bool = False) -> jax.Array:
 def _ratio(xy: jax.Array, xx: jax.Array, yy: jax.Array,
            degenerate: jax.Array) -> jax.Array:
   """xy / sqrt(xx yy), NaN where `degenerate` (see module doc)."""
-  denom = jnp.sqrt(jnp.abs(xx) * jnp.abs(yy))
+  # Two square roots: the product xx * yy alone can overflow.
+  denom = jnp.sqrt(jnp.abs(xx)) * jnp.sqrt(jnp.abs(yy))
   safe = jnp.where(degenerate | (denom == 0), 1.0, denom)
   return jnp.where(degenerate | (denom == 0), jnp.nan, xy / safe)
 
@@ -157,6 +181,7 @@ def cka_from_grams(k: jax.Array, l: jax.Array, *,
   if k.shape != l.shape or k.ndim != 2 or k.shape[0] != k.shape[1]:
     raise ValueError(f"Gram matrices must both be (n, n); got {k.shape} and "
                      f"{l.shape}.")
+  k, l = _unit_scaled(k), _unit_scaled(l)  # exact; CKA is scale invariant
   kc = center_gram(k, unbiased=unbiased)
   lc = center_gram(l, unbiased=unbiased)
   xx, yy, xy = jnp.vdot(kc, kc), jnp.vdot(lc, lc), jnp.vdot(kc, lc)
@@ -228,6 +253,8 @@ def cka(x: jax.Array, y: jax.Array, *, kernel: str = "linear",
                      f" and n={y.shape[0]}.")
   if x.shape[0] < 2:
     raise ValueError(f"CKA needs at least 2 examples, got n={x.shape[0]}.")
+  # Exact power-of-two rescaling (module doc): correct at any activation scale.
+  x, y = _unit_scaled(x), _unit_scaled(y)
   n, p = x.shape[0], max(x.shape[1], y.shape[1])
   if kernel == "linear" and p < n:
     value = _linear_feature_space(x, y, unbiased=unbiased)
@@ -241,16 +268,28 @@ def cka(x: jax.Array, y: jax.Array, *, kernel: str = "linear",
 class MinibatchCKAState(NamedTuple):
   """Running sums of unbiased HSIC over minibatches (a pytree).
 
+  For the linear kernel the sums are stored relative to a per-stage scale
+  (a power of two, the largest seen so far), so activations of any
+  magnitude neither overflow nor underflow float32:
+  true sum_xy[i, j] = hsic_xy[i, j] * scale_x[i]^2 * scale_y[j]^2 (and
+  ^4 for the self terms). RBF HSIC does not depend on the scale (its
+  bandwidth is relative), so there the sums are the plain sums.
+
   Attributes:
     hsic_xy: (I, J) sum over minibatches of HSIC_1(K_i, L_j).
     hsic_xx: (I,) sum of HSIC_1(K_i, K_i).
     hsic_yy: (J,) sum of HSIC_1(L_j, L_j).
     count: number of minibatches accumulated (int32 scalar).
+    scale_x: (I,) feature scale of each x-stage (0 before any update);
+      None in a hand-built state means 1 (sums in raw units).
+    scale_y: (J,) likewise for the y-stages.
   """
   hsic_xy: jax.Array
   hsic_xx: jax.Array
   hsic_yy: jax.Array
   count: jax.Array
+  scale_x: jax.Array | None = None
+  scale_y: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,7 +307,8 @@ class MinibatchCKA:
   (num_minibatches, b, ...) and `vmap`s the per-minibatch computation; with
   the batch laid along the mesh's data axis and `num_minibatches` a multiple
   of the device count, each device holds whole minibatches, computes their
-  Gram matrices locally and only the (I, J) sums are all-reduced.
+  Gram matrices locally and only the (I, J) sums (and (I,), (J,) scales) are
+  all-reduced.
 
   Attributes:
     kernel: 'linear' or 'rbf' (RBF bandwidth from each minibatch's median).
@@ -286,7 +326,9 @@ class MinibatchCKA:
     return MinibatchCKAState(jnp.zeros((num_x, num_y), dtype),
                              jnp.zeros((num_x,), dtype),
                              jnp.zeros((num_y,), dtype),
-                             jnp.zeros((), jnp.int32))
+                             jnp.zeros((), jnp.int32),
+                             jnp.zeros((num_x,), dtype),
+                             jnp.zeros((num_y,), dtype))
 
   def _minibatch_hsic(self, xs, ys):
     """Unbiased HSIC matrices of one minibatch: ((I, J), (I,), (J,))."""
@@ -311,8 +353,8 @@ class MinibatchCKA:
       state: running sums from `init` / a previous `update`.
       x_batch: I arrays (B, ...), one per x-stage, same B examples.
       y_batch: J arrays (B, ...) for the same examples.
-      num_minibatches: B is split into this many minibatches of B / k >= 4
-        consecutive examples (lay k along the data axis to shard).
+      num_minibatches: B is split into this many (>= 1) minibatches of
+        B / k >= 4 consecutive examples (lay k along the data axis to shard).
     """
     xs, ys = list(x_batch), list(y_batch)
     if len(xs) != state.hsic_xx.shape[0] or len(ys) != state.hsic_yy.shape[0]:
@@ -325,20 +367,51 @@ class MinibatchCKA:
                        f"sizes {sorted(sizes)}.")
     total = sizes.pop()
     k = num_minibatches
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+      raise ValueError(
+          f"num_minibatches={k!r}: must be a positive int, the number of "
+          f"minibatches of >= 4 examples the batch of {total} is split into "
+          "(1 for the whole batch as one minibatch).")
     if total % k or total // k < 4:
       raise ValueError(f"Batch of {total} cannot be split into "
                        f"num_minibatches={k} minibatches of >= 4 examples "
                        f"(unbiased HSIC needs n >= 4); change the batch size "
                        f"or num_minibatches.")
-    split = lambda f: f.reshape((k, total // k) + f.shape[1:])
+
+    def split(f):
+      f = jnp.asarray(f)
+      f = f.reshape((k, total // k, -1)).astype(_compute_dtype(f))
+      s = pow2_scale(f, axis=(1, 2))  # (k,): exact per-minibatch rescaling
+      return f / s[:, None, None], s
+
+    xs_s, ys_s = [split(f) for f in xs], [split(f) for f in ys]
     xy, xx, yy = jax.vmap(self._minibatch_hsic)(
-        [split(f) for f in xs], [split(f) for f in ys])
+        [f for f, _ in xs_s], [f for f, _ in ys_s])
     dt = state.hsic_xy.dtype
+    old_x = (jnp.ones_like(state.hsic_xx) if state.scale_x is None
+             else state.scale_x)
+    old_y = (jnp.ones_like(state.hsic_yy) if state.scale_y is None
+             else state.scale_y)
+    sx = jnp.stack([s for _, s in xs_s], axis=1).astype(dt)  # (k, I)
+    sy = jnp.stack([s for _, s in ys_s], axis=1).astype(dt)  # (k, J)
+    new_x = jnp.maximum(old_x, jnp.max(sx, axis=0))
+    new_y = jnp.maximum(old_y, jnp.max(sy, axis=0))
+    if self.kernel == "linear":
+      # Gram ~ scale^2: bring every term to the (new) per-stage scale. All
+      # factors are powers of two <= 1, so this is exact and cannot overflow.
+      fx, fy = (sx / new_x) ** 2, (sy / new_y) ** 2
+      gx, gy = (old_x / new_x) ** 2, (old_y / new_y) ** 2
+    else:
+      fx, fy = jnp.ones_like(sx), jnp.ones_like(sy)
+      gx, gy = jnp.ones_like(old_x), jnp.ones_like(old_y)
+    xy = jnp.sum(xy.astype(dt) * fx[:, :, None] * fy[:, None, :], 0)
+    xx = jnp.sum(xx.astype(dt) * fx * fx, 0)
+    yy = jnp.sum(yy.astype(dt) * fy * fy, 0)
     return MinibatchCKAState(
-        state.hsic_xy + jnp.sum(xy, 0).astype(dt),
-        state.hsic_xx + jnp.sum(xx, 0).astype(dt),
-        state.hsic_yy + jnp.sum(yy, 0).astype(dt),
-        state.count + k)
+        state.hsic_xy * gx[:, None] * gy[None, :] + xy,
+        state.hsic_xx * gx * gx + xx,
+        state.hsic_yy * gy * gy + yy,
+        state.count + k, new_x, new_y)
 
   def result(self, state: MinibatchCKAState) -> jax.Array:
     """(I, J) CKA matrix; NaN for stages whose mean self-HSIC is not > 0."""

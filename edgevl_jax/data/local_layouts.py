@@ -21,14 +21,24 @@ NYUv2 labelled set:
 Splits: 'test' is the dataset's own held-out list (ScanNet: valid); a
 'validation' split for model selection is carved from train with a fixed
 seed (ScanNet: whole scenes, so frames of one scene never straddle).
+
+`validate_source(name, root)` scans a layout and then decodes every file
+(`check_files`): a truncated or non-image file, a depth image with three
+different channels, or an RGB / depth pair of different sizes is reported
+with its record and file before anything is prepared, never at first read.
 """
+import concurrent.futures
 import dataclasses
 import glob
 import os
+import re
+from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from edgevl_jax.data import info as info_lib
+from edgevl_jax.data import transforms
 
 VALIDATION_FRACTION = 0.1
 SPLITS = ("train", "validation", "test")
@@ -61,6 +71,30 @@ _ALIASES = {"excercise room": "exercise room", "computercluster":
 def _read_lines(path: str) -> list[str]:
   with open(path) as f:
     return [line.strip() for line in f if line.strip()]
+
+
+def _first_line(path: str, name: str) -> str:
+  """The first non-empty line of a label file; ValueError naming it."""
+  lines = _read_lines(path)
+  if not lines:
+    raise ValueError(f"{name}: label file {path!r} is empty; it must hold "
+                     "the scene class on its first line.")
+  return lines[0]
+
+
+def _numbered_lines(path: str) -> list[tuple[int, str]]:
+  """(line number, stripped text) of the non-empty lines of `path`."""
+  with open(path) as f:
+    return [(n, line.strip()) for n, line in enumerate(f, 1) if line.strip()]
+
+
+def _bad_ids(path: str, bad: list[tuple[int, str]], expected: str,
+             name: str) -> ValueError:
+  shown = ", ".join(f"line {n}: {text!r}" for n, text in bad[:10])
+  more = f" (and {len(bad) - 10} more)" if len(bad) > 10 else ""
+  return ValueError(
+      f"{name}: {path!r} has {len(bad)} id(s) that are not {expected}: "
+      f"{shown}{more}. Fix or remove those lines.")
 
 
 def _require(root: str, paths: list[str], name: str) -> None:
@@ -97,7 +131,13 @@ def scan_scannet(root: str) -> dict[str, list[Sample]]:
   out, groups = {}, {}
   for split, list_file in lists.items():
     folder = "train" if split == "train" else "valid"
-    ids = _read_lines(os.path.join(root, list_file))
+    list_path = os.path.join(root, list_file)
+    lines = _numbered_lines(list_path)
+    bad = [(n, t) for n, t in lines if not _SCANNET_ID.fullmatch(t)]
+    if bad:
+      raise _bad_ids(list_path, bad, "'<scene>/<frame number>' (e.g. "
+                     "'scene0000_00/00100')", "scannet")
+    ids = [t for _, t in lines]
     needed = []
     for i in ids:
       scene = i.rsplit("/", 1)[0]
@@ -108,7 +148,8 @@ def scan_scannet(root: str) -> dict[str, list[Sample]]:
     for i in ids:
       scene = i.rsplit("/", 1)[0]
       label_file = os.path.join(root, folder, "scene_class", scene + ".txt")
-      label = _label_id("scannet", _read_lines(label_file)[0], label_file)
+      label = _label_id("scannet", _first_line(label_file, "scannet"),
+                        label_file)
       samples.append(Sample(i, os.path.join(root, folder, "rgb", i + ".jpg"),
                             os.path.join(root, folder, "depth", i + ".png"),
                             label))
@@ -144,7 +185,13 @@ def scan_nyuv2(root: str) -> dict[str, list[Sample]]:
   _require(root, ["train.txt", "test.txt"], "nyuv2")
   out = {}
   for split in ("train", "test"):
-    ids = [int(x) for x in _read_lines(os.path.join(root, f"{split}.txt"))]
+    list_path = os.path.join(root, f"{split}.txt")
+    lines = _numbered_lines(list_path)
+    bad = [(n, t) for n, t in lines if not t.isdigit()]
+    if bad:
+      raise _bad_ids(list_path, bad, "integer image numbers (e.g. '12')",
+                     "nyuv2")
+    ids = [int(t) for _, t in lines]
     keys = [f"{i:04d}" for i in ids]
     _require(root, [f"{split}/{m}/{k}.{e}" for k in keys for m, e in
                     (("rgb", "png"), ("depth", "png"),
@@ -155,7 +202,7 @@ def scan_nyuv2(root: str) -> dict[str, list[Sample]]:
       samples.append(Sample(
           k, os.path.join(root, split, "rgb", k + ".png"),
           os.path.join(root, split, "depth", k + ".png"),
-          _label_id("nyuv2", _read_lines(label_file)[0], label_file)))
+          _label_id("nyuv2", _first_line(label_file, "nyuv2"), label_file)))
     out[split] = samples
   out["train"], out["validation"] = _carve(
       out["train"], [s.key for s in out["train"]])
@@ -164,3 +211,92 @@ def scan_nyuv2(root: str) -> dict[str, list[Sample]]:
 
 SCANNERS = {"scannet": scan_scannet, "sun_rgbd": scan_sun_rgbd,
             "nyuv2": scan_nyuv2}
+_SCANNET_ID = re.compile(r"[^/\s]+/\d+")
+
+
+def _read_image(path: str, *, fast: bool) -> tuple[tuple[int, int], Any]:
+  """((width, height), array or None) of an image file, fully decoded.
+
+  fast: decode a JPEG at reduced scale (draft mode still reads every byte,
+  so truncation is detected) and return no array.
+  """
+  with Image.open(path) as img:
+    size = img.size
+    if fast and img.format == "JPEG":
+      img.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
+    img.load()
+    return size, None if fast else np.asarray(img)
+
+
+def check_sample(sample: Sample, *, split: str, root: str = "") -> list[str]:
+  """Problems of one record's files ([] when it decodes as a valid pair).
+
+  Files are named relative to `root` when given.
+  """
+  where = f"{split} record {sample.key!r}"
+  problems = []
+  sizes = {}
+  rel = lambda p: os.path.relpath(p, root) if root else p
+  for kind, path in (("rgb", sample.rgb_path), ("depth", sample.depth_path)):
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+      problems.append(f"{where}: {kind} file {rel(path)} is empty (0 bytes)")
+      continue
+    try:
+      sizes[kind], array = _read_image(path, fast=kind == "rgb")
+    except Exception as e:  # PIL raises several types for a bad file.
+      problems.append(f"{where}: {kind} file {rel(path)} is not a readable "
+                      f"image (truncated or not an image: "
+                      f"{type(e).__name__}: {e})")
+      continue
+    if kind == "depth":
+      try:
+        transforms.single_channel(array, "depth",
+                                  where=f"{where}: {rel(path)}")
+      except ValueError as e:
+        problems.append(str(e).rstrip("."))
+  if len(sizes) == 2 and sizes["rgb"] != sizes["depth"]:
+    (w1, h1), (w2, h2) = sizes["rgb"], sizes["depth"]
+    problems.append(f"{where}: image sizes differ: rgb {rel(sample.rgb_path)}"
+                    f" is {h1}x{w1} but depth {rel(sample.depth_path)} is "
+                    f"{h2}x{w2} (H x W); paired images must be "
+                    "co-registered")
+  return problems
+
+
+def check_files(name: str, samples: dict[str, list[Sample]], *,
+                root: str = "", workers: int | None = None) -> None:
+  """Decodes every file of every record; one ValueError listing the bad ones.
+
+  Costs one decode per file (JPEGs at 1/8 scale), in `workers` threads.
+  Files are named relative to `root` (the source folder) when given.
+  """
+  jobs = [(split, s) for split in sorted(samples) for s in samples[split]]
+  workers = workers or min(8, os.cpu_count() or 1)
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    found = pool.map(lambda job: check_sample(job[1], split=job[0],
+                                              root=root), jobs)
+    problems = [p for ps in found for p in ps]
+  if problems:
+    shown = "; ".join(problems[:10])
+    more = (f"; and {len(problems) - 10} more problems"
+            if len(problems) > 10 else "")
+    raise ValueError(
+        f"{name}: {len(problems)} bad record(s) in the local copy "
+        f"{root or '(no root given)'}: {shown}"
+        f"{more}. Replace those files (re-export or re-copy them) or remove "
+        "the records from the layout, then prepare again.")
+
+
+def validate_source(name: str, root: str) -> dict[str, list[Sample]]:
+  """Scans layout `name` at `root` and checks every file: samples per split.
+
+  Raises:
+    ValueError: missing files, malformed ids or label files, or records whose
+      files do not decode (each named with its record and path).
+  """
+  if name not in SCANNERS:
+    raise ValueError(f"No local layout {name!r}; expected one of "
+                     f"{sorted(SCANNERS)}.")
+  samples = SCANNERS[name](root)
+  check_files(name, samples, root=root)
+  return samples

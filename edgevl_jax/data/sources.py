@@ -131,7 +131,8 @@ def _tfds_split(builder, split: str, name: str):
 
 
 def load_split(name: str, split: str, *, data_dir: str,
-               config: Any = None) -> PairedSource:
+               config: Any = None,
+               on_source_change: str = "error") -> PairedSource:
   """Random-access source of one split, preparing the dataset if needed.
 
   Args:
@@ -141,7 +142,11 @@ def load_split(name: str, split: str, *, data_dir: str,
     config: builder config. synthetic_rgbd: a config name ('demo', 'demo48',
       'small', 'large', 'tiny') or `synthetic_rgbd.make_config(...)`.
       scannet / sun_rgbd / nyuv2: the folder of the user's local copy
-      (required the first time, to prepare). eurosat: unused.
+      (required the first time, to prepare; when given later, the prepared
+      copy is checked against it). eurosat: unused.
+    on_source_change: scannet / sun_rgbd / nyuv2 only: 'error' (default)
+      refuses a prepared copy whose source folder changed since; 'reprepare'
+      prepares it again (see local_rgbd.py).
 
   Returns:
     A PairedSource of standard records (module docstring).
@@ -157,7 +162,8 @@ def load_split(name: str, split: str, *, data_dir: str,
     return eurosat.load_split(split, data_dir=data_dir)
   from edgevl_jax.data import local_rgbd  # pylint: disable=g-import-not-at-top
   return local_rgbd.load_split(name, split, data_dir=data_dir,
-                               source_dir=config)
+                               source_dir=config,
+                               on_source_change=on_source_change)
 
 
 def tfds_data_source(name: str, split: str, data_dir: str):

@@ -6,7 +6,8 @@ teacher target stays aligned with the non-RGB student input. At test time
 both images are resized to the square output size, no crop.
 
 Non-RGB images become [0, 1] single-channel images before resizing:
-depth by per-image min-max, SWIR by value / 4095 clipped to [0, 1]. After
+depth by per-image min-max over its finite pixels (NaN / inf holes become
+0), SWIR by value / 4095 clipped to [0, 1]. After
 resizing they are repeated to 3 channels. Outputs are float32 in [0, 1];
 CLIP / ImageNet normalisation happens on the model side.
 """
@@ -18,6 +19,8 @@ import grain
 import numpy as np
 from PIL import Image
 
+from edgevl_jax.models import preprocess
+
 Record = dict[str, Any]
 SWIR_MAX = 4095.0
 MODALITIES = ("rgb", "other")
@@ -26,18 +29,56 @@ MODALITIES = ("rgb", "other")
 PASSTHROUGH = ("pseudo_label", "valid")
 
 
-def other_to_unit(other: np.ndarray, modality: str) -> np.ndarray:
-  """Raw non-RGB values (H, W) -> float32 (H, W) in [0, 1]."""
-  x = np.asarray(other, np.float32)
-  if x.ndim == 3:
-    x = x[..., 0]
+def other_to_unit(other: np.ndarray, modality: str, *,
+                  where: str = "") -> np.ndarray:
+  """Raw non-RGB values (H, W) -> float32 (H, W) in [0, 1].
+
+  Depth: per-image min-max over the finite pixels; NaN / inf pixels (the
+  invalid pixels of real sensors) are holes and become 0
+  (`preprocess.min_max_unit`). SWIR: value / 4095 clipped to [0, 1], NaN /
+  inf pixels 0. (H, W, 1) and (H, W, 3) with three equal channels are
+  accepted; three different channels (a colour-mapped depth PNG) are refused,
+  because reading one of them as depth would be silently wrong.
+
+  Args:
+    other: (H, W), (H, W, 1) or (H, W, 3) raw values.
+    modality: 'depth' or 'swir'.
+    where: names the record/file in error messages.
+  """
+  x = single_channel(other, modality, where=where)
   if modality == "depth":
-    lo, hi = float(x.min()), float(x.max())
-    return (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
+    return preprocess.min_max_unit(x)
   if modality == "swir":
-    return np.clip(x / SWIR_MAX, 0.0, 1.0)
+    x = np.asarray(x, np.float32)
+    return np.where(np.isfinite(x), np.clip(x / SWIR_MAX, 0.0, 1.0),
+                    0.0).astype(np.float32)
   raise ValueError(f"Unknown non-RGB modality {modality!r}; expected "
                    "'depth' or 'swir'.")
+
+
+def single_channel(other: np.ndarray, modality: str = "depth", *,
+                   where: str = "") -> np.ndarray:
+  """(H, W) view of a one-channel image stored as (H, W), (H, W, 1) or
+  (H, W, 3) with equal channels; ValueError naming `where` otherwise."""
+  x = np.asarray(other)
+  if x.ndim == 3 and x.shape[-1] in (1, 3):
+    if x.shape[-1] == 3 and not (np.array_equal(x[..., 0], x[..., 1],
+                                                equal_nan=True)
+                                 and np.array_equal(x[..., 0], x[..., 2],
+                                                    equal_nan=True)):
+      diff = int(np.count_nonzero(np.any(x != x[..., :1], axis=-1)))
+      raise ValueError(
+          f"{where + ': ' if where else ''}{modality} image has 3 channels "
+          f"that differ ({diff} of {x.shape[0] * x.shape[1]} pixels), e.g. a "
+          f"colour-mapped visualisation; {modality} must be one channel (or "
+          "three equal channels) of raw values. Export the raw "
+          f"{modality} (e.g. a 16-bit single-channel PNG) instead.")
+    return x[..., 0]
+  if x.ndim != 2:
+    raise ValueError(
+        f"{where + ': ' if where else ''}{modality} image must be (H, W), "
+        f"(H, W, 1) or (H, W, 3) with equal channels; got shape {x.shape}.")
+  return x
 
 
 def sample_crop(rng: np.random.Generator, height: int, width: int,
@@ -119,7 +160,8 @@ def transform_pair(record: Record, *, image_size: int, modality: str,
   if "rgb" in modalities:
     out["rgb"] = _resize_rgb(record["rgb"], box, image_size)
   if "other" in modalities:
-    unit = other_to_unit(record["other"], modality)
+    unit = other_to_unit(record["other"], modality,
+                         where=f"record index {record['index']}")
     out["other"] = np.repeat(
         _resize_unit(unit, box, image_size)[..., None], 3, axis=-1)
   if flip:

@@ -22,6 +22,8 @@ from edgevl_jax.models import clip
 from edgevl_jax.models import preprocess
 from edgevl_jax.models import students
 from edgevl_jax.train import metrics as metrics_lib
+from edgevl_jax.utils import finite
+from edgevl_jax.utils import jsonio
 
 STUDENT_FILE = "student.json"
 STUDENT_PARAMS = "student_params.msgpack"
@@ -44,9 +46,13 @@ def load_teacher(path: str, *, mesh: jax.sharding.Mesh | None = None
                  ) -> tuple[clip.CLIP, Any, Any]:
   """(model, params, tokenizer) of a CLIP folder; params fsdp-sharded on mesh.
 
-  The tokenizer is read from the same folder.
+  The tokenizer is read from the same folder. The folder is checked first
+  (`clip.check_clip_folder`: config, weight file headers, tokenizer files
+  and that the tokenizer fits the text tower), so a folder without its
+  tokenizer fails in milliseconds instead of giving chance-level zero-shot.
   """
   folder = teacher_dir(path)
+  clip.check_clip_folder(folder)
   model, params = clip.load_pretrained(folder)
   if mesh is not None:
     shardings = clip.param_shardings(model, mesh)
@@ -109,10 +115,24 @@ def load_student(path: str, quant: Any = None
         f"{path!r} holds no trained student ({STUDENT_FILE} and "
         f"{STUDENT_PARAMS}); point init_from/student at the workdir of a "
         "finished dual_modality_kd or qat_contrastive run.")
-  with open(meta_file) as f:
-    meta = json.load(f)
+  meta = jsonio.read_json(
+      meta_file, required=("name", "embed_dim"),
+      fix="re-run the stage that wrote it (dual_modality_kd or "
+      "qat_contrastive)")
   with open(params_file, "rb") as f:
-    params = flax.serialization.msgpack_restore(f.read())
+    blob = f.read()
+  try:
+    params = flax.serialization.msgpack_restore(blob)
+  except Exception as e:  # msgpack raises several types for a cut file.
+    raise ValueError(
+        f"{params_file} is truncated or corrupt ({len(blob)} bytes; "
+        f"{type(e).__name__}: {e}); re-run the stage that wrote it.") from e
+  flat = flax.traverse_util.flatten_dict(params, sep="/") if isinstance(
+      params, dict) else {}
+  finite.require_finite(
+      flat, where=f"student params {params_file!r}",
+      fix="training diverged before this checkpoint was saved; re-run the "
+      "stage (e.g. with a lower learning rate) or use an earlier workdir")
   params = jax.tree.map(jnp.asarray, params)
   return build_student(meta, quant), params, meta
 

@@ -15,6 +15,44 @@ import numpy as np
 LOGIT_SCALE = 100.0
 
 
+def check_embed_dim(embed_dim: int, text_features: np.ndarray | int, *,
+                    student: str = "the student",
+                    teacher: str = "the teacher's text features") -> None:
+  """Refuses a student whose embedding size differs from the text features.
+
+  Call it up front, before embedding any image: e.g. with the student
+  meta's `embed_dim` and the (C, D) text feature matrix, or the teacher's
+  `projection_dim` (an int) before computing the text features.
+
+  Raises:
+    ValueError: naming both sizes and the fix.
+  """
+  width = (int(text_features) if isinstance(text_features, (int, np.integer))
+           else int(np.shape(text_features)[-1]))
+  if int(embed_dim) != width:
+    raise ValueError(
+        f"{student} embeds images into {int(embed_dim)} dims but "
+        f"{teacher} are {width}-dim; zero-shot compares the two by cosine, "
+        f"so they must match: use a student built with embed_dim={width} "
+        "(the teacher's projection_dim), or evaluate it with the teacher it "
+        "was distilled from.")
+
+
+def _check_features(image_features: np.ndarray,
+                    text_features: np.ndarray) -> None:
+  """Both (rows, D) with the same D; ValueError naming the two shapes."""
+  img, txt = np.shape(image_features), np.shape(text_features)
+  if len(img) != 2 or len(txt) != 2:
+    raise ValueError(f"image_features {img} and text_features {txt} must "
+                     "both be 2-D (N, D) and (C, D).")
+  if img[1] != txt[1]:
+    raise ValueError(
+        f"image_features are {img[1]}-dim (shape {img}) but text_features "
+        f"are {txt[1]}-dim (shape {txt}); the student's embed_dim must equal "
+        "the teacher's projection_dim (check up front with "
+        "zero_shot.check_embed_dim).")
+
+
 def normalize_rows(x: np.ndarray) -> np.ndarray:
   """L2-normalises the rows of a (N, D) numpy array."""
   x = np.asarray(x, np.float32)
@@ -33,6 +71,7 @@ def zero_shot_probabilities(
   Returns:
     (N, C) float32 probabilities.
   """
+  _check_features(image_features, text_features)
   logits = logit_scale * normalize_rows(image_features) @ normalize_rows(
       text_features).T
   logits = logits - logits.max(-1, keepdims=True)
@@ -61,6 +100,7 @@ def topk_accuracy(
     raise ValueError(
         f"labels ({len(labels)}) and image_features ({len(image_features)}) "
         "must have the same length.")
+  _check_features(image_features, text_features)
   sims = normalize_rows(image_features) @ normalize_rows(text_features).T
   if class_ids is not None:
     keep = np.full(sims.shape[1], -np.inf, np.float32)

@@ -24,6 +24,7 @@ A folder a device can run with JAX alone (no Flax model code, no text tower):
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 from typing import Any, Mapping, Sequence
@@ -38,6 +39,7 @@ from edgevl_jax.eval import artefacts
 from edgevl_jax.export import size as size_lib
 from edgevl_jax.models import preprocess
 from edgevl_jax.train import metrics as metrics_lib
+from edgevl_jax.utils import jsonio
 
 FORMAT = "edgevl_jax.artifact/1"
 MANIFEST = "manifest.json"
@@ -291,28 +293,88 @@ class Artifact:
 
 
 def load_artifact(path: str) -> Artifact:
-  """Reads an artefact folder written by `export_artifact`."""
+  """Reads an artefact folder written by `export_artifact`.
+
+  Every file is checked as it is read: a missing, truncated or mismatched
+  manifest, program, weights or text-features file raises one ValueError
+  naming it (and "re-export the artefact").
+  """
   path = os.fspath(path)
   manifest_file = os.path.join(path, MANIFEST)
   if not os.path.isfile(manifest_file):
     raise ValueError(
         f"{path!r} is not an edgevl_jax artefact (no {MANIFEST}); pass the "
         "folder written by edgevl_jax.export.artifact.export_artifact.")
-  with open(manifest_file) as f:
-    manifest = json.load(f)
+  fix = "re-export the artefact"
+  manifest = jsonio.read_json(manifest_file, fix=fix, required=("format",))
   if manifest.get("format") != FORMAT:
     raise ValueError(f"{manifest_file} has format {manifest.get('format')!r}, "
                      f"expected {FORMAT!r}; re-export the artefact.")
+  absent = [k for k in ("programs", "class_names", "image_size",
+                        "logit_scale") if k not in manifest]
+  if absent:
+    raise ValueError(f"{manifest_file} has no {absent}; {fix}.")
   needed = [WEIGHTS, TEXT_FEATURES, *manifest["programs"].values()]
   missing = [f for f in needed if not os.path.isfile(os.path.join(path, f))]
   if missing:
     raise ValueError(f"artefact {path!r} is missing {missing}; re-export it.")
   programs = {}
   for key, name in manifest["programs"].items():
-    with open(os.path.join(path, name), "rb") as f:
-      exp = jax.export.deserialize(bytearray(f.read()))
-    programs["symbolic" if key == "symbolic" else int(key)] = exp
-  with open(os.path.join(path, WEIGHTS), "rb") as f:
-    weights = flax.serialization.msgpack_restore(f.read())
-  text = np.load(os.path.join(path, TEXT_FEATURES)).astype(np.float32)
+    programs["symbolic" if key == "symbolic" else int(key)] = _read_file(
+        os.path.join(path, name), "program (jax.export)",
+        lambda blob: jax.export.deserialize(bytearray(blob)))
+  weights = _read_file(os.path.join(path, WEIGHTS), "weights (msgpack)",
+                       flax.serialization.msgpack_restore)
+  text = _read_file(os.path.join(path, TEXT_FEATURES), "text features (.npy)",
+                    lambda blob: np.load(io.BytesIO(blob)))
+  text = np.asarray(text, np.float32)
+  classes = len(manifest["class_names"])
+  if text.ndim != 2 or text.shape[0] != classes:
+    raise ValueError(
+        f"{os.path.join(path, TEXT_FEATURES)} has shape {text.shape}, "
+        f"expected ({classes}, D) for the {classes} class_names of "
+        f"{manifest_file}; the files come from different exports, "
+        "re-export the artefact.")
+  for key, exp in programs.items():
+    _check_weights_fit(exp, weights, text.shape[1],
+                       os.path.join(path, manifest["programs"][str(key)]),
+                       os.path.join(path, WEIGHTS))
   return Artifact(manifest, programs, weights, text)
+
+
+def _read_file(file: str, what: str, parse):
+  """parse(bytes of file); ValueError naming the file when it fails."""
+  with open(file, "rb") as f:
+    blob = f.read()
+  try:
+    return parse(blob)
+  except Exception as e:  # each format raises its own types for a cut file.
+    raise ValueError(
+        f"{file}: the {what} file is truncated or corrupt ({len(blob)} bytes;"
+        f" {type(e).__name__}: {str(e)[:200]}); re-export the artefact."
+    ) from e
+
+
+def _check_weights_fit(exp: Any, weights: Any, embed_dim: int,
+                       program_file: str, weights_file: str) -> None:
+  """The weights' leaves are the program's inputs (shape and dtype)."""
+  leaves = jax.tree.leaves(weights)
+  avals = list(exp.in_avals)[:-1]  # the last input is the image batch
+  problem = None
+  if len(leaves) != len(avals):
+    problem = f"{len(leaves)} arrays, the program takes {len(avals)}"
+  else:
+    for i, (leaf, aval) in enumerate(zip(leaves, avals)):
+      leaf = np.asarray(leaf)
+      if leaf.shape != tuple(aval.shape) or leaf.dtype != aval.dtype:
+        problem = (f"array {i} is {leaf.dtype}{list(leaf.shape)}, the "
+                   f"program expects {aval.dtype}{list(aval.shape)}")
+        break
+  out = list(exp.out_avals)
+  if problem is None and out and out[0].shape[-1] != embed_dim:
+    problem = (f"the program returns {out[0].shape[-1]}-dim embeddings but "
+               f"text_features.npy has {embed_dim} columns")
+  if problem:
+    raise ValueError(
+        f"{weights_file} does not fit {program_file}: {problem}; the files "
+        "come from different exports, re-export the artefact.")

@@ -10,6 +10,7 @@ Every matmul goes through `layers.dense` / `layers.einsum` / `layers.conv`
 with the injected `ops`, so AQT quantises the teacher without forking it.
 
 Usage:
+  clip.check_clip_folder(path)   # cheap: config, weight headers, tokenizer
   model, params = clip.load_pretrained(path)
   emb = model.apply({'params': params}, images, method='encode_image')
 """
@@ -26,6 +27,7 @@ import numpy as np
 from edgevl_jax.models import layers
 from edgevl_jax.models.clip_config import ACTIVATIONS, CLIPSpec, TextConfig, TowerConfig, VisionConfig  # pylint: disable=unused-import
 from edgevl_jax.models.clip_convert import load_pretrained, save_pretrained  # pylint: disable=unused-import
+from edgevl_jax.models.clip_folder import CLIP_FOLDER_CONTENTS, check_clip_folder, check_tokenizer_fits  # pylint: disable=unused-import
 from edgevl_jax.models.clip_tokenizer import load_tokenizer, tokenize, train_tokenizer  # pylint: disable=unused-import
 
 def _normal(std: float, axes: tuple[str | None, ...]) -> Callable:
@@ -395,6 +397,13 @@ def zero_shot_classifier(model: CLIP, params: Any, tokenizer: Any,
   max_length = max_length or model.config.text.max_position_embeddings
   prompts = [t.format(name) for name in class_names for t in templates]
   ids, mask = tokenize(tokenizer, prompts, max_length=max_length)
+  vocab_size = model.config.text.vocab_size
+  if ids.size and int(ids.max()) >= vocab_size:
+    raise ValueError(
+        f"zero_shot_classifier: the tokenizer produced token id "
+        f"{int(ids.max())} but the text tower has vocab_size={vocab_size} "
+        "(ids must be < vocab_size; larger ones give NaN text features); use "
+        "the tokenizer saved with the teacher (clip.load_tokenizer(folder)).")
   n = len(prompts)
   batch = min(batch_size, n)
   pad = (-n) % batch

@@ -12,7 +12,6 @@ match exactly: a missing, unexpected or mis-shaped tensor is an error.
 """
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from typing import Any, Mapping
@@ -21,6 +20,9 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from edgevl_jax.utils import finite
+from edgevl_jax.utils import jsonio
 
 _SAFETENSORS = "model.safetensors"
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -145,8 +147,10 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
   if os.path.isfile(single):
     return _read_safetensors(single)
   if os.path.isfile(index):
-    with open(index) as f:
-      shards = sorted(set(json.load(f)["weight_map"].values()))
+    weight_map = jsonio.read_json(
+        index, required=("weight_map",),
+        fix="re-save the sharded checkpoint with save_pretrained")["weight_map"]
+    shards = sorted(set(weight_map.values()))
     state = {}
     for shard in shards:
       shard_file = os.path.join(path, shard)
@@ -178,8 +182,9 @@ def load_config(path: str) -> Any:
     raise FileNotFoundError(
         f"CLIP checkpoint folder {path!r} has no config.json; save the "
         "model with CLIPModel.save_pretrained or save_pretrained here.")
-  with open(config_file) as f:
-    model_type = json.load(f).get("model_type")
+  model_type = jsonio.read_json(
+      config_file, fix="re-save the model with CLIPModel.save_pretrained "
+      "(or clip.save_pretrained)").get("model_type")
   if model_type != "clip":
     raise ValueError(
         f"{config_file!r} has model_type={model_type!r}, expected 'clip'; "
@@ -208,7 +213,12 @@ def load_pretrained(path: str | os.PathLike[str], *,
   path = os.fspath(path)
   config = load_config(path)
   model = clip.CLIP(config=config, dtype=dtype, ops=ops or layers.Ops())
-  return model, params_from_hf(read_state_dict(path), model)
+  state = read_state_dict(path)
+  finite.require_finite(
+      state, where=f"CLIP checkpoint {path!r}",
+      fix="the checkpoint is corrupt or was saved after training diverged; "
+      "re-copy it or use an earlier checkpoint")
+  return model, params_from_hf(state, model)
 
 
 def save_pretrained(path: str | os.PathLike[str], model: Any,

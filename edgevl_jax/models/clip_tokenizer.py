@@ -15,6 +15,9 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from edgevl_jax.models import clip_folder
+from edgevl_jax.utils import jsonio
+
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
 # CLIP's pre-tokeniser (as HF's CLIPTokenizer spells it for `tokenizers`).
@@ -25,24 +28,52 @@ _CLIP_SPLIT = (r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d"""
 def load_tokenizer(path: str | os.PathLike[str]) -> Any:
   """A `transformers` tokenizer from a local folder (never downloads).
 
+  Refuses a folder without tokenizer files (transformers would otherwise
+  build a 2-token tokenizer that maps every prompt to unknown tokens) and,
+  when the folder also holds a CLIP config.json, a tokenizer with more
+  tokens than the text tower's `vocab_size` (NaN text features).
+
   Args:
-    path: folder with vocab.json + merges.txt (+ tokenizer config), e.g. an
-      HF CLIP checkpoint folder or one written by `train_tokenizer`.
+    path: folder with vocab.json + merges.txt or tokenizer.json (+ tokenizer
+      config), e.g. an HF CLIP checkpoint folder or one written by
+      `train_tokenizer`.
+
+  Raises:
+    FileNotFoundError: the folder does not exist.
+    ValueError: tokenizer files missing or unreadable, or the tokenizer does
+      not fit the folder's text tower; the message names the files.
   """
   path = os.fspath(path)
   if not os.path.isdir(path):
     raise FileNotFoundError(
         f"load_tokenizer: tokenizer folder {path!r} does not exist; pass a "
         "local folder with vocab.json and merges.txt (see train_tokenizer).")
+  missing = clip_folder.missing_tokenizer_files(path)
+  if missing:
+    raise ValueError(
+        f"load_tokenizer: {path!r} has no tokenizer (missing "
+        f"{' / '.join(missing)}; files there: {sorted(os.listdir(path))}); a "
+        "tokenizer folder needs vocab.json + merges.txt, or tokenizer.json. "
+        + clip_folder.CLIP_FOLDER_CONTENTS)
+  # transformers reads config.json too; read it first for a clear error.
+  config_file = os.path.join(path, clip_folder.CONFIG)
+  config = (jsonio.read_json(config_file, fix="re-save the model")
+            if os.path.isfile(config_file) else {})
   import transformers  # pylint: disable=g-import-not-at-top
 
   try:
-    return transformers.AutoTokenizer.from_pretrained(path,
-                                                      local_files_only=True)
-  except (OSError, ValueError, KeyError) as e:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(
+        path, local_files_only=True)
+  except (OSError, ValueError, KeyError, TypeError) as e:
     raise ValueError(
         f"load_tokenizer: could not load a tokenizer from {path!r} "
-        f"(files: {sorted(os.listdir(path))}): {e}") from e
+        f"(files: {sorted(os.listdir(path))}): {type(e).__name__}: {e}; "
+        "re-save it with tokenizer.save_pretrained.") from e
+  if config.get("model_type") == "clip":
+    clip_folder.check_tokenizer_fits(
+        tokenizer, clip_folder.text_vocab_size(config),
+        where=f"{path!r} (checked against {config_file})")
+  return tokenizer
 
 
 def tokenize(tokenizer: Any, texts: Sequence[str] | str, *,

@@ -18,7 +18,6 @@ relative position index is recomputed from the window (not stored).
 from __future__ import annotations
 
 import functools
-import json
 import os
 import re
 from typing import Any
@@ -31,6 +30,8 @@ from flax import traverse_util
 
 from edgevl_jax.models import heads
 from edgevl_jax.models import students
+from edgevl_jax.utils import finite
+from edgevl_jax.utils import jsonio
 
 # model_type -> (student name, prefix of *ForImageClassification keys).
 _FAMILIES = {"vit": ("vit_b16", "vit."), "swin": ("swin_t", "swin."),
@@ -138,8 +139,9 @@ def read_config(path: str) -> dict[str, Any]:
   cfg_file = os.path.join(path, "config.json")
   if not os.path.exists(cfg_file):
     raise ValueError(f"{cfg_file} not found; pass a Hugging Face model folder.")
-  with open(cfg_file) as f:
-    cfg = json.load(f)
+  cfg = jsonio.read_json(
+      cfg_file, fix="re-save the model with save_pretrained (a Hugging Face "
+      "ViT / Swin / ResNet / MobileNetV2 folder)")
   try:
     from transformers import CONFIG_MAPPING  # pylint: disable=g-import-not-at-top
   except ImportError:  # Hub configs written by save_pretrained are complete.
@@ -212,12 +214,26 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
   binary = os.path.join(path, "pytorch_model.bin")
   if os.path.exists(st) or os.path.exists(index):
     from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-    files = [st] if os.path.exists(st) else sorted(set(
-        os.path.join(path, f)
-        for f in json.load(open(index))["weight_map"].values()))
+    if os.path.exists(st):
+      files = [st]
+    else:
+      weight_map = jsonio.read_json(
+          index, required=("weight_map",),
+          fix="re-save the sharded checkpoint with save_pretrained")[
+              "weight_map"]
+      files = sorted(set(os.path.join(path, f) for f in weight_map.values()))
+      missing = [f for f in files if not os.path.isfile(f)]
+      if missing:
+        raise ValueError(f"{index} lists shard(s) {missing} that are "
+                         "missing; copy every shard of the checkpoint.")
     out = {}
     for f in files:
-      out.update(load_file(f))
+      try:
+        out.update(load_file(f))
+      except Exception as e:  # safetensors raises Rust-side error types.
+        raise ValueError(
+            f"could not read {f}: it is truncated or corrupt "
+            f"({type(e).__name__}: {e}); re-copy the checkpoint.") from e
     return {k: np.asarray(v, np.float32) for k, v in out.items()}
   if os.path.exists(binary):
     try:
@@ -226,7 +242,11 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
       raise ValueError(
           f"{binary} needs PyTorch to read; install torch or convert the "
           "folder to model.safetensors.") from e
-    sd = torch.load(binary, map_location="cpu", weights_only=True)
+    try:
+      sd = torch.load(binary, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for a bad pickle.
+      raise ValueError(f"could not read {binary} ({type(e).__name__}: {e}); "
+                       "re-copy the checkpoint.") from e
     return {k: v.float().numpy() for k, v in sd.items()}
   raise ValueError(
       f"{path} has no model.safetensors, model.safetensors.index.json or "
@@ -350,7 +370,12 @@ def load(path: str, *, embed_dim: int | None = None,
       {c: v for c, v in abstract.items() if c in ("params", "batch_stats")})
   backbone = {(k[0],) + k[2:]: nn.meta.unbox(v).shape
               for k, v in flat.items() if k[1] == "backbone"}
-  values = convert(read_state_dict(path), family, backbone, path)
+  state = read_state_dict(path)
+  finite.require_finite(
+      state, where=f"student checkpoint {path!r}",
+      fix="the checkpoint is corrupt or was saved after training diverged; "
+      "re-copy it or use another checkpoint")
+  values = convert(state, family, backbone, path)
 
   def fill(key, box):
     value = jnp.asarray(values[(key[0],) + key[2:]])

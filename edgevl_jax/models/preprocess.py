@@ -54,3 +54,31 @@ def normalize(images: Any, kind: str = "clip") -> Any:
       jnp.float32)
   images = images.astype(dtype)
   return (images - jnp.asarray(mean, dtype)) / jnp.asarray(std, dtype)
+
+
+def min_max_unit(x: Any) -> np.ndarray:
+  """Per-image min-max of raw depth-like values to float32 [0, 1].
+
+  Non-finite pixels (NaN / inf: the invalid pixels of real depth sensors,
+  common in float TIFF depth) are holes: the min and max are taken over the
+  finite pixels only and holes become 0, so one NaN no longer turns the
+  whole image into zeros (or NaN). A constant or all-hole image gives zeros.
+
+  Args:
+    x: (H, W) numeric array (numpy or anything `np.asarray` takes).
+
+  Returns:
+    (H, W) float32 in [0, 1].
+  """
+  x = np.asarray(x, np.float32)
+  finite = np.isfinite(x)
+  if not finite.any():
+    return np.zeros(x.shape, np.float32)
+  valid = x[finite]
+  lo, hi = float(valid.min()), float(valid.max())
+  if not hi > lo:
+    return np.zeros(x.shape, np.float32)
+  if finite.all():  # the common case, bit-identical to a plain min-max
+    return (x - lo) / (hi - lo)
+  with np.errstate(invalid="ignore"):  # inf - lo at the holes, masked out
+    return np.where(finite, (x - lo) / (hi - lo), 0.0).astype(np.float32)
