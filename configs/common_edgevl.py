@@ -141,6 +141,7 @@ def pipeline(shared, stages):
   for k, v in shared.items():
     c[k] = v
   c.stages = stages
+  c.stop_after = ""  # a stage name: run the stages up to it only
   return c
 
 

@@ -28,8 +28,9 @@ if str(ROOT) not in sys.path:
 from edgevl_jax.train import checkpoint as checkpoint_lib  # noqa: E402
 from edgevl_jax.train import metrics as metrics_lib  # noqa: E402
 
-# Values that are wall-clock measurements, not results.
-TIMING_KEYS = ('seconds', 'steps_per_sec')
+# Values that are not results: wall-clock measurements, and whether a
+# pipeline stage was skipped because an earlier run finished it.
+TIMING_KEYS = ('seconds', 'steps_per_sec', 'skipped')
 
 
 def _run(config, workdir, overrides, fault='', cache=None):
@@ -114,16 +115,24 @@ def assert_same_run(reference, resumed):
       assert np.array_equal(have[key], value), (name, key)
 
 
-def run_chain(tmp_path, config, overrides, faults):
-  """Uninterrupted run + the fault chain; asserts they are identical."""
+def run_chain(tmp_path, config, overrides, faults, move_after=None):
+  """Uninterrupted run + the fault chain; asserts they are identical.
+
+  With `move_after=k`, the chain's workdir is moved to a new path after the
+  k-th fault (the old path no longer exists): a moved workdir must resume
+  without reading anything at its old location.
+  """
   cache = tmp_path / 'jax_cache'
   reference = tmp_path / 'reference'
   run = _run(config, reference, overrides, cache=cache)
   assert run.returncode == 0, run.stderr[-3000:]
   chain = tmp_path / 'chain'
-  for fault in faults + ['']:
+  for i, fault in enumerate(faults + ['']):
     run = _run(config, chain, overrides, fault, cache=cache)
     _expect(run, fault)
+    if i == move_after:
+      chain.rename(tmp_path / 'chain_moved')
+      chain = tmp_path / 'chain_moved'
     if fault.startswith('sigkill-ckpt'):
       # Killed inside the write: the half-written folder is orbax's
       # temporary one, which a resume ignores.
@@ -160,7 +169,10 @@ def test_demo_pipeline_killed_in_every_stage_resumes_identically(tmp_path):
             + _training_faults('3_qat_contrastive')
             + ['sigkill-report@4_evaluate', 'sigkill-report@5_export'])
   config = f'configs/demo.py:quick,data_dir={tmp_path / "tfds"}'
-  reference, chain = run_chain(tmp_path, config, overrides, faults)
+  # Moved after stage 1: stages 2-5 read the teacher and pseudo-labels of
+  # stages 0-1 from the new location only.
+  reference, chain = run_chain(tmp_path, config, overrides, faults,
+                               move_after=3)
   report = json.loads((chain / 'report.json').read_text())
   assert set(report['zero_shot']) >= {'teacher', 'student_int8_static'}
 
@@ -186,9 +198,22 @@ def test_datafree_pipeline_killed_in_every_stage_resumes_identically(
 
 
 @pytest.mark.slow
-def test_distill_classifier_and_cached_kd_killed_resume_identically(
-    tmp_path):
-  """distill_classifier (OFA branches) and stage 1 with the teacher cache."""
+def test_stage1_with_teacher_cache_killed_resumes_identically(tmp_path):
+  """dual_modality_kd reading teacher embeddings from its cache."""
+  overrides = ['--config.data_config=custom_32px_256_64_64',
+               '--config.stop_after=dual_modality_kd',
+               '--config.stages[0].num_steps=4',
+               '--config.stages[2].teacher_cache.num_views=2',
+               *_cadence(2), '--config.stages[2].eval_every=6']
+  config = f'configs/demo.py:quick,data_dir={tmp_path / "tfds"}'
+  reference, _ = run_chain(tmp_path, config, overrides,
+                           _training_faults('2_dual_modality_kd'))
+  assert (reference / '2_dual_modality_kd' / 'teacher_cache').is_dir()
+
+
+@pytest.mark.slow
+def test_distill_classifier_killed_resumes_identically(tmp_path):
+  """distill_classifier with OFA branches after its classifier teacher."""
   overrides = ['--config.stages[0].num_epochs=1',
                '--config.stages[0].log_every=4',
                '--config.stages[1].num_epochs=1',

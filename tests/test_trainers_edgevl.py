@@ -177,8 +177,9 @@ def test_topk_accuracy_hand_computed():
 
 def _kd_config(**overrides):
   c = ml_collections.ConfigDict(dict(
-      dataset="synthetic_rgbd", data_dir="/tmp/x", teacher="/tmp/t",
-      image_size=S, batch_size=4, num_steps=2, eval_every=2,
+      dataset="synthetic_rgbd", data_dir="/tmp/x",
+      teacher="@clip_pretrain/teacher_path", seed=0, eval_batch_size=8,
+      image_size=S, batch_size=8, num_steps=2, eval_every=2,
       teacher_normalization="clip", kd_loss="l1", student_inputs="both",
       student_sharding="replicated", teacher_cache=dict(num_views=0),
       student=dict(name="vit_ti16", normalization="clip",
@@ -198,8 +199,9 @@ def test_validate_config_names_bad_keys():
   with pytest.raises(ValueError, match="image_size"):
     kd.validate_config(bad)
   q = ml_collections.ConfigDict(dict(
-      dataset="d", data_dir="/x", init_from="/a", teacher="/t",
-      pseudo_labels="/p", image_size=S, batch_size=4, num_steps=2,
+      dataset="synthetic_rgbd", data_dir="/x", init_from="@kd/workdir",
+      teacher="@t/teacher_path", seed=0, eval_batch_size=8,
+      pseudo_labels="/p", image_size=S, batch_size=8, num_steps=2,
       eval_every=2, max_negatives=3, margin=0.3, mining="online",
       mining_space="unnormalized", quant="int8", optim=OPTIM.to_dict()))
   with pytest.raises(ValueError, match="mining_space"):

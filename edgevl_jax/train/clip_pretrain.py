@@ -41,6 +41,7 @@ from edgevl_jax import data as data_lib
 from edgevl_jax import losses
 from edgevl_jax.models import clip
 from edgevl_jax.train import checkpoint as checkpoint_lib
+from edgevl_jax.train import checks
 from edgevl_jax.train import config_utils
 from edgevl_jax.train import loop
 from edgevl_jax.train import mesh as mesh_lib
@@ -69,6 +70,13 @@ def validate_config(config: Any) -> None:
     raise ValueError(f"config.loss must be one of {list(LOSSES)}, found "
                      f"{config.get('loss')!r}.")
   state_lib.validate_optim_config(config.optim)
+  checks.dataset(config)
+  checks.seed(config)
+  checks.batch_fits_devices(config, minimum=2, what="image-text pairs")
+  if config_utils.get(config, "eval_batch_size") is not None:
+    checks.positive_ints(config, "eval_batch_size")
+  if config_utils.get(config, "init_from"):
+    checks.teacher_folder(config, "init_from")
   if not config_utils.get(config, "init_from"):
     model = config_utils.require(config, "model")
     unknown = sorted(set(model.keys()) - set(MODEL_KEYS))

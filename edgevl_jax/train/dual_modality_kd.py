@@ -57,6 +57,7 @@ from edgevl_jax.models.resnet import ResNet
 from edgevl_jax.models.swin import Swin
 from edgevl_jax.models.vit import ViT
 from edgevl_jax.train import checkpoint as checkpoint_lib
+from edgevl_jax.train import checks
 from edgevl_jax.train import config_utils
 from edgevl_jax.train import loop
 from edgevl_jax.train import mesh as mesh_lib
@@ -202,6 +203,11 @@ def validate_config(config: Any) -> None:
                        check=lambda v: v >= 0, expected=">= 0")
   validate_student(config)
   state_lib.validate_optim_config(config.optim)
+  checks.dataset(config)
+  checks.seed(config)
+  checks.teacher_folder(config)
+  checks.positive_ints(config, "eval_batch_size")
+  checks.batch_fits_devices(config)
 
 
 def student_meta(config: Any, embed_dim: int) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from edgevl_jax.eval import artefacts
 from edgevl_jax.eval import quantized
 from edgevl_jax.eval import splits
 from edgevl_jax.eval import zero_shot
+from edgevl_jax.train import checks
 from edgevl_jax.train import config_utils
 from edgevl_jax.train import dual_modality_kd as kd
 from edgevl_jax.train import metrics as metrics_lib
@@ -45,6 +46,13 @@ def validate_config(config: Any) -> None:
     config_utils.require_positive(config, key, integer=True)
   config_utils.require(config, "teacher_normalization",
                        allowed=("clip", "imagenet"))
+  checks.dataset(config)
+  checks.seed(config)
+  checks.teacher_folder(config)
+  checks.student_folder(config, "student")
+  checks.student_fits_teacher(config, "student")
+  if config_utils.get(config, "student_fp32"):
+    checks.student_folder(config, "student_fp32")
 
 
 def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from edgevl_jax.eval import splits
 from edgevl_jax.export import artifact
 from edgevl_jax.export import size as size_lib
 from edgevl_jax.models import clip_convert
+from edgevl_jax.train import checks
 from edgevl_jax.train import config_utils
 from edgevl_jax.train import dual_modality_kd as kd
 from edgevl_jax.train import metrics as metrics_lib
@@ -41,6 +42,11 @@ def validate_config(config: Any) -> None:
     config_utils.require(config, key, types=str)
   for key in ("image_size", "calibration_batch_size", "calibration_batches"):
     config_utils.require_positive(config, key, integer=True)
+  checks.dataset(config)
+  checks.seed(config)
+  checks.teacher_folder(config)
+  checks.student_folder(config, "student")
+  checks.student_fits_teacher(config, "student")
 
 
 def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:

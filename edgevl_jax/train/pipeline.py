@@ -3,6 +3,7 @@
 Config:
   config.trainer = 'pipeline'
   config.stages = [stage, ...]   # list of ConfigDicts
+  config.stop_after = ''         # optional: run stages up to this name
   each stage: name (unique, [A-Za-z0-9_-]), trainer, + its own keys.
   CLI override of a stage key: --config.stages[1].num_steps=100
 
@@ -66,11 +67,20 @@ RESUME_SAFE_KEYS = ('log_every', 'ckpt_every', 'ckpt_every_minutes',
 
 
 def _stages(config: Any) -> list[Any]:
+  """The stages to run: all, or up to and including config.stop_after."""
   stages = config.get('stages')
   if not stages:
     raise ValueError('config.stages must be a non-empty list of stage '
                      'configs (each with `name` and `trainer`).')
-  return list(stages)
+  stages = list(stages)
+  stop = config.get('stop_after') or ''
+  if stop:
+    names = [s.get('name') for s in stages]
+    if stop not in names:
+      raise ValueError(f'config.stop_after={stop!r} is not a stage name; '
+                       f'choose one of {names}.')
+    stages = stages[:names.index(stop) + 1]
+  return stages
 
 
 def stage_dir(workdir: str, index: int, name: str) -> str:

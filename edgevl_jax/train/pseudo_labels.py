@@ -26,6 +26,7 @@ import numpy as np
 from edgevl_jax.eval import artefacts
 from edgevl_jax.eval import splits
 from edgevl_jax.eval import zero_shot
+from edgevl_jax.train import checks
 from edgevl_jax.train import config_utils
 from edgevl_jax.train import metrics as metrics_lib
 
@@ -41,6 +42,10 @@ def validate_config(config: Any) -> None:
                        allowed=("clip", "imagenet"))
   config_utils.require(config, "kept_fraction", types=float,
                        check=lambda v: 0 < v <= 1, expected="in (0, 1]")
+  checks.dataset(config)
+  checks.seed(config)
+  checks.teacher_folder(config)
+  checks.positive_ints(config, "eval_batch_size")
 
 
 def curate(probabilities: np.ndarray, kept_fraction: float

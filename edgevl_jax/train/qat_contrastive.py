@@ -40,6 +40,7 @@ from edgevl_jax import quant
 from edgevl_jax.eval import artefacts
 from edgevl_jax.eval import splits
 from edgevl_jax.train import checkpoint as checkpoint_lib
+from edgevl_jax.train import checks
 from edgevl_jax.train import config_utils
 from edgevl_jax.train import dual_modality_kd as kd
 from edgevl_jax.train import loop
@@ -65,6 +66,15 @@ def validate_config(config: Any) -> None:
                        allowed=triplet_mining.MINING_SPACES)
   config_utils.require(config, "quant", allowed=tuple(QUANT))
   state_lib.validate_optim_config(config.optim)
+  checks.dataset(config)
+  checks.seed(config)
+  checks.teacher_folder(config)
+  checks.student_folder(config, "init_from")
+  checks.student_fits_teacher(config, "init_from")
+  checks.positive_ints(config, "eval_batch_size")
+  checks.batch_fits_devices(
+      config, minimum=2 if config.mining == "online" else 1,
+      what="anchors (online mining needs a positive and a negative)")
   if config.mining == "online" and config.mining_space != "normalized":
     raise ValueError("config.mining_space='unnormalized' only applies to "
                      "mining='offline'; online mining works in the loss's "
