@@ -287,5 +287,5 @@ def test_quick_default_pipeline_writes_report_and_samples(tmp_path):
     assert 0.0 <= acc[key] <= 1.0
   assert len(acc["teacher_each"]) == 2 and len(acc["student_each_head"]) == 2
   assert acc["teacher_ensemble"] > 0.5  # real teachers, trained one epoch
-  assert os.path.getsize(report["samples_png"]) > 0
+  assert os.path.getsize(tmp_path / "run" / report["samples_path"]) > 0
   assert report["stages"]["datafree_kd"]["iterations"] == 4

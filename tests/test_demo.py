@@ -27,7 +27,8 @@ def quick_report(tmp_path_factory):
   workdir = str(tmp / "demo")
   main_lib.run(config, workdir)
   with open(os.path.join(workdir, "report.json")) as f:
-    return json.load(f)
+    # Paths in report.json are relative to its folder.
+    return {**json.load(f), "_workdir": workdir}
 
 
 @pytest.mark.slow
@@ -43,7 +44,8 @@ def test_demo_quick_report_and_artefacts(quick_report):
       "student_fp32"]
   assert set(STAGES) <= set(report["seconds"])
   for name in ("weights.msgpack", "text_features.npy", "manifest.json"):
-    assert os.path.exists(os.path.join(report["export_dir"], name))
+    assert os.path.exists(os.path.join(report["_workdir"],
+                                       report["export_dir"], name))
 
 
 @pytest.mark.slow

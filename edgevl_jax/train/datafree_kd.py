@@ -422,7 +422,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
                             for l in s_logits],
   }
   report = {"accuracy": acc, "iterations": int(state.step),
-            "samples_png": os.path.join(workdir, SAMPLES_FILE),
+            "samples_path": SAMPLES_FILE,
             "train": {k: v for k, v in summary.items()
                       if isinstance(v, (int, float))}}
   report["student_over_teacher_ensemble"] = (
