@@ -132,7 +132,8 @@ def test_deformable_attention_matches_torch_reference(h, w, stride, ksize):
   p["conv_offset"]["proj"]["kernel"] *= 4.0
   out = jax.jit(module.apply)({"params": p}, x)
   ref, pos = _torch_deformable(x, p, heads, groups, stride, ksize)
-  np.testing.assert_allclose(out, ref, atol=1e-5)
+  # float32 against float64: max error 1e-5 on outputs of size ~4.
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
   clipped = np.mean(np.abs(pos) == 1.0)
   assert 0.05 < clipped < 0.9, clipped
 
@@ -184,9 +185,11 @@ def test_neighbourhood_attention_matches_natten_semantics(h, w, ks):
 
 
 def test_full_size_parameter_count_matches_paper():
-  # DAT++ paper (Xia et al., arXiv 2309.01430), ImageNet-1K table: DAT-T
-  # 24M params, 4.3 GFLOPs, 83.9% top-1 (also the Papers with Code entry
-  # "DAT-T++: 24M"); that count includes the 1000-class classifier.
+  # The DAT++ paper (Xia et al., arXiv 2309.01430) gives DAT-T 24M params,
+  # 4.3 GFLOPs, 83.9% ImageNet-1K top-1 (its results as listed by Papers
+  # with Code: "DAT-T++ ... Number of params: 24M"); that count includes
+  # the 1000-class classifier (backbone alone: 23.45M, -2.3%). 23,449,876 is
+  # also a by-hand count of the reference modules of dat_tiny.yaml.
   model = students.build("dat_t", embed_dim=None)
   x = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
   feats, variables = jax.eval_shape(functools.partial(
