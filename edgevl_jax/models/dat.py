@@ -100,9 +100,8 @@ class NeighborhoodAttention(nn.Module):
     keys_w, rel_w = neighbourhood_index(w, k)
 
     def neighbourhoods(t):  # (B, H, W, heads, d) -> (B, HW, k*k, heads, d)
-      t = t[:, keys_h][:, :, :, keys_w]  # (B, H, k, W, k, heads, d)
-      return t.transpose(0, 1, 3, 2, 4, 5, 6).reshape(b, h * w, k * k, heads,
-                                                      hd)
+      t = t[:, keys_h][:, :, :, keys_w].transpose(0, 1, 3, 2, 4, 5, 6)
+      return t.reshape(b, h * w, k * k, heads, hd)
 
     kn = neighbourhoods(qkv[..., 1, :, :])
     vn = neighbourhoods(qkv[..., 2, :, :])
@@ -202,9 +201,8 @@ class DeformableAttention(nn.Module):
     disp = (jnp.asarray(normalised_grid(h, w, 0.0)).reshape(1, -1, 1, 2)
             - pos.reshape(b * g, 1, -1, 2)) * 0.5  # (B*g, HW, Ns, (y, x))
     bias = grid_sample(table, disp[..., ::-1], align_corners=True)
-    ns = bias.shape[2]
-    return bias.reshape(b, g, h * w, ns, heads // g).transpose(
-        0, 1, 4, 2, 3).reshape(b, heads, h * w, ns)
+    return bias.reshape(b, g, h * w, -1, heads // g).transpose(
+        0, 1, 4, 2, 3).reshape(b, heads, h * w, -1)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -337,15 +335,17 @@ class DAT(nn.Module):
     specs = tuple(self.stage_spec or (
         ("ND" * d)[:d] if s < n - 1 else "D" * d
         for s, d in enumerate(self.depths)))
-    for s, (spec, d, dim, heads, g) in enumerate(zip(
-        specs, self.depths, self.dims, self.num_heads, self.groups)):
+    for s, (spec, d, dim, heads, g, k) in enumerate(zip(
+        specs, self.depths, self.dims, self.num_heads, self.groups,
+        self.nat_kernels)):
       if len(spec) != d or set(spec) - {"N", "D"}:
         raise ValueError(
             f"DAT: stage_spec[{s}]={spec!r} must be {d} letter(s) of 'N' "
             "(neighbourhood) or 'D' (deformable), one per block.")
-      if dim % heads or heads % g:
+      if dim % heads or heads % g or k % 2 == 0:
         raise ValueError(f"DAT stage {s}: dims {dim} must divide by num_heads"
-                         f" {heads}, and num_heads by groups {g}.")
+                         f" {heads}, num_heads by groups {g}, and nat_kernels "
+                         f"must be odd (got {k}), as NATTEN's.")
     return specs
 
   def _attention(self, kind: str, s: int, side: int) -> nn.Module:
