@@ -34,6 +34,13 @@ TINY = {
                       768),
     "swin_s": (dict(image_size=64, window_size=4, depths=(2, 2, 2, 2)), 64,
                [(16, 16, 96), (8, 8, 192), (4, 4, 384), (2, 2, 768)], 768),
+    # 16 px with stem stride 1 (patch_size 2): every 'D' block keeps 2x2
+    # reference points.
+    "dat_t": (dict(image_size=16, patch_size=2, dim_stem=16,
+                   dims=(16, 32, 32, 32), depths=(1, 1, 1, 1),
+                   stage_spec=("N", "D", "N", "D"), num_heads=(2, 4, 4, 4),
+                   groups=(1, 2, 2, 2), nat_kernels=(5, 5, 5, 5)), 16,
+              [(16, 16, 16), (8, 8, 32), (4, 4, 32), (2, 2, 32)], 32),
     "resnet18": (dict(image_size=32, cifar_stem=True), 32,
                  [(32, 32, 64), (16, 16, 128), (8, 8, 256), (4, 4, 512)], 512),
     "resnet34": (dict(image_size=64), 64,
@@ -91,7 +98,7 @@ def test_builder_output_and_stage_shapes(name):
   assert feats["pooled"].shape == (2, width)
   assert [s.shape[1:] for s in feats["stages"]] == stages
   head = variables["params"]["head"]
-  assert ("norm" in head) == name.startswith("swin")
+  assert ("norm" in head) == name.startswith(("swin", "dat"))
 
 
 @pytest.mark.parametrize("name", sorted(FULL_PARAMS))

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from edgevl_jax.models import layers
+from edgevl_jax.models.dat import DAT
 from edgevl_jax.models.heads import ProjectionHead
 from edgevl_jax.models.mobilenet import MobileNetV2
 from edgevl_jax.models.resnet import ResNet
@@ -43,6 +44,9 @@ _CONFIGS: dict[str, tuple[type[nn.Module], dict[str, Any], bool]] = {
     "swin_t_edgevl": (Swin, dict(depths=(2, 2, 18, 2), drop_path_rate=0.3),
                       True),
     "swin_s": (Swin, dict(depths=(2, 2, 18, 2), drop_path_rate=0.3), True),
+    # DAT++-T (dat_tiny.yaml); DAT's defaults are these, spelled out here.
+    "dat_t": (DAT, dict(dims=(64, 128, 256, 512), depths=(2, 4, 18, 2),
+                        num_heads=(2, 4, 8, 16), drop_path_rate=0.2), True),
     "resnet18": (ResNet, dict(stage_sizes=(2, 2, 2, 2)), False),
     "resnet34": (ResNet, dict(stage_sizes=(3, 4, 6, 3)), False),
     "mobilenet_v2": (MobileNetV2, dict(width=1.0), False),
