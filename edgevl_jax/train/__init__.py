@@ -1,1 +1,0 @@
-"""edgevl_jax.train."""
