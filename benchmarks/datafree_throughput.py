@@ -30,7 +30,7 @@ from edgevl_jax.models import generator as generator_lib
 from edgevl_jax.models import multihead
 from edgevl_jax.models import students
 from edgevl_jax.train import datafree_kd
-from edgevl_jax.train import mesh as mesh_lib
+from edgevl_jax.run import mesh as mesh_lib
 
 
 # ----------------------------- PyTorch reference -----------------------------

@@ -33,7 +33,7 @@ from edgevl_jax.export import size as size_lib
 from edgevl_jax.models import clip
 from edgevl_jax.models import layers
 from edgevl_jax.models import students
-from edgevl_jax.train import mesh as mesh_lib
+from edgevl_jax.run import mesh as mesh_lib
 
 GiB = 1024 ** 3
 MESHES = {

@@ -30,13 +30,14 @@ import jax.numpy as jnp
 import numpy as np
 import ml_collections
 
-from edgevl_jax.eval import artefacts
+from edgevl_jax.edgevl import handoff
 from edgevl_jax.export import size as size_lib
 from edgevl_jax.models import clip
 from edgevl_jax.models import students
 from edgevl_jax.train import dual_modality_kd as kd
-from edgevl_jax.train import mesh as mesh_lib
-from edgevl_jax.train import state as state_lib
+from edgevl_jax.run import mesh as mesh_lib
+from edgevl_jax.run import optim as optim_lib
+from edgevl_jax.run import state as state_lib
 
 OPTIM = dict(name="adamw", lr=1e-4, schedule="constant", weight_decay=1e-3,
              grad_clip_norm=5.0)
@@ -102,11 +103,11 @@ def jax_steps(a: argparse.Namespace) -> dict[str, Any]:
   d = hf.projection_dim
   model = students.build(a.student, embed_dim=d, image_size=s)
   mesh = mesh_lib.make_mesh()
-  tx = state_lib.make_optimizer(ml_collections.ConfigDict(OPTIM), 1000)
+  tx = optim_lib.make_optimizer(ml_collections.ConfigDict(OPTIM), 1000)
   state, _ = state_lib.create_train_state(
       lambda k: model.init(k, rgb[:1]), tx, jax.random.key(1), mesh=mesh,
       rules=kd.REPLICATED_RULES)
-  norm = artefacts.normalizer("clip")
+  norm = handoff.normalizer("clip")
   step = jax.jit(kd.make_train_step(model, teacher, kind="l1", mode="both",
                                     t_norm=norm, s_norm=norm))
   batch = {"rgb": rgb, "other": other}

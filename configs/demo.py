@@ -18,12 +18,8 @@ depth than on RGB; the student closes most of that gap on depth.
 Args (comma separated): quick (a much smaller run used by the tests),
 seed=N, data_dir=PATH.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common_edgevl as common  # pylint: disable=g-import-not-at-top,wrong-import-position
-from edgevl_jax.train import config_utils  # pylint: disable=g-import-not-at-top,wrong-import-position
+from edgevl_jax.presets import edgevl as presets
+from edgevl_jax.run import config as config_lib
 
 IMAGE_SIZE = 32
 # 32 px scenes: train / validation / test sizes (rendering is part of the run).
@@ -32,13 +28,9 @@ QUICK_DATA = "custom_32px_960_120_240"
 
 
 def get_config(arg=None):
-  args = config_utils.parse_arg(arg, quick=False, seed=0,
-                                data_dir="workdirs/tfds")
+  args = config_lib.parse_arg(arg, quick=False, seed=0,
+                              data_dir="workdirs/tfds")
   quick = args.quick
-  shared = common.shared_refs(
-      dataset="synthetic_rgbd", data_dir=args.data_dir,
-      data_config=QUICK_DATA if quick else DEMO_DATA, image_size=IMAGE_SIZE,
-      seed=args.seed)
   teacher = "@clip_pretrain/teacher_path"
   # Patch 16 on 32 px images (2 x 2 tokens + CLS), as ViT-B/16 sees a
   # 64 px image. Measured with the supervised proxy of this UniCL stage
@@ -58,21 +50,23 @@ def get_config(arg=None):
       image_size=IMAGE_SIZE, patch_size=16, width=128, depth=4, num_heads=4,
       drop_path_rate=0.0))
   steps = (lambda full, small: small if quick else full)
-  stages = [common.clip_pretrain(
-      shared, model=clip_model, batch_size=64,
-      num_steps=steps(1000, 400), log_every=100, prompt_fraction=1.0,
+  stages = [presets.clip_pretrain(
+      model=clip_model, batch_size=64, num_steps=steps(1000, 400),
+      log_every=100, prompt_fraction=1.0,
       # lr 1e-3 with 50 warmup steps (proxy at 1,000 steps: 69% vs 62% at
       # 2e-3).
       optim=dict(name="adamw", lr=1e-3, end_lr=1e-5, schedule="cosine",
-                 warmup_steps=50, weight_decay=0.05,
-                 grad_clip_norm=1.0))]
-  stages += common.edgevl_stages(
-      shared, teacher=teacher, kept_fraction=0.5, crop_scale=(0.5, 1.0),
+                 warmup_steps=50, weight_decay=0.05, grad_clip_norm=1.0))]
+  stages += presets.edgevl_stages(
+      teacher=teacher, kept_fraction=0.5, crop_scale=(0.5, 1.0),
       kd=dict(student=student, batch_size=64,
               num_steps=steps(500, 200), eval_every=steps(250, 200),
               log_every=100,
-              optim=dict(common.STAGE1_OPTIM, lr=1e-3, end_lr=5e-5)),
+              optim=dict(presets.STAGE1_OPTIM, lr=1e-3, end_lr=5e-5)),
       qat=dict(batch_size=8, num_steps=steps(40, 10),
                eval_every=steps(40, 10), log_every=10,
-               optim=dict(common.STAGE2_OPTIM, lr=1e-5, end_lr=1e-6)))
-  return common.pipeline(shared, stages)
+               optim=dict(presets.STAGE2_OPTIM, lr=1e-5, end_lr=1e-6)))
+  return presets.pipeline(
+      stages, dataset="synthetic_rgbd", data_dir=args.data_dir,
+      data_config=QUICK_DATA if quick else DEMO_DATA, image_size=IMAGE_SIZE,
+      seed=args.seed)

@@ -11,14 +11,18 @@ r"""Entry point of every run.
   --coordinator_address, --num_processes, --process_id
   --on_config_change   'error' (default) or 'warn': what to do when DIR has a
                        config.json from an earlier run that differs.
+  --describe=JOB       print every config key of a job, its default and
+                       meaning, and exit.
 
-`config.trainer` names the trainer (see `edgevl_jax.train.registry`); its
-`validate_config` runs before any compute. The trainer's returned report is
-written atomically to DIR/report.json.
+`config.trainer` names the job (see `edgevl_jax.run.registry`); its config
+is completed with the job's defaults, checked (unknown keys, types, the
+job's `validate`) and locked before any compute. Pipeline stages can be
+addressed by name: --config.stages.dual_modality_kd.num_steps=100 is
+--config.stages[2].num_steps=100 in the demo. The job's report is written
+atomically to DIR/report.json.
 """
 from __future__ import annotations
 
-import json
 import logging as py_logging
 import os
 import sys
@@ -31,12 +35,14 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from edgevl_jax.train import checkpoint
-from edgevl_jax.train import config_utils
-from edgevl_jax.train import loop
-from edgevl_jax.train import metrics
-from edgevl_jax.train import registry
-from edgevl_jax.train import workdir_lock
+from edgevl_jax.run import checkpoint
+from edgevl_jax.run import config as config_lib
+from edgevl_jax.run import lock as workdir_lock
+from edgevl_jax.run import loop
+from edgevl_jax.run import metrics
+from edgevl_jax.run import registry
+from edgevl_jax.run import runner
+from edgevl_jax.utils import io
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file (get_config(arg)); FILE.py[:ARG].',
@@ -54,11 +60,10 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None,
 _ON_CONFIG_CHANGE = flags.DEFINE_enum(
     'on_config_change', 'error', ['error', 'warn'],
     'When the workdir holds a different config.json: stop or warn.')
+_DESCRIBE = flags.DEFINE_string(
+    'describe', None, 'Print the config keys of this job and exit.')
 
 CONFIG_FILE = 'config.json'
-# Keys that may change between a run and its resumption.
-RESUME_SAFE_KEYS = ('log_every', 'ckpt_every', 'eval_every', 'progress',
-                    'max_to_keep')
 
 
 def init_distributed(mode: str, coordinator: str | None,
@@ -91,13 +96,13 @@ def check_saved_config(workdir: str, config_dict: dict, on_change: str) -> None:
   if not os.path.exists(path):
     return
   try:
-    saved = metrics.read_json(path, fix='it records the config of an earlier '
-                              'run in this workdir: delete it to adopt this '
-                              "run's config, or use a fresh --workdir")
+    saved = io.read_json(path, fix='it records the config of an earlier run '
+                         'in this workdir: delete it to adopt this run\'s '
+                         'config, or use a fresh --workdir')
   except ValueError as e:
     raise app.UsageError(str(e)) from e
-  changed = [k for k in config_utils.diff_keys(saved, config_dict)
-             if k.rsplit('.', 1)[-1] not in RESUME_SAFE_KEYS]
+  changed = [k for k in config_lib.diff_keys(saved, config_dict, ignore_added=True)
+             if k.rsplit('.', 1)[-1] not in config_lib.RESUME_SAFE_KEYS]
   if not changed:
     return
   message = (f'{path} was written by an earlier run whose config differs in '
@@ -109,29 +114,63 @@ def check_saved_config(workdir: str, config_dict: dict, on_change: str) -> None:
 
 
 def run(config, workdir: str, on_config_change: str = 'error') -> dict:
-  """Validates, locks the workdir, records the config, runs the trainer.
+  """Validates, locks the workdir, records the config, runs the job.
 
   Nothing is written to the workdir before the config has passed
   validation, so a fixed re-run is never refused as "config differs".
+  config.json records the complete config (every default filled in).
   """
   try:
     workdir_lock.check_writable(workdir)
-    trainer = registry.validate(config)
+    job, config = registry.validate(config)
   except ValueError as e:
     raise app.UsageError(f'Invalid config: {e}') from e
-  config_dict = config_utils.to_dict(config)
+  config_dict = config_lib.to_dict(config)
   check_saved_config(workdir, config_dict, on_config_change)
   with workdir_lock.hold(workdir):
     if jax.process_index() == 0:
-      metrics.atomic_write_text(os.path.join(workdir, CONFIG_FILE),
-                                json.dumps(config_dict, indent=2,
-                                           sort_keys=True) + '\n')
-    logging.info('trainer %s, workdir %s, %d processes, %d devices',
+      io.atomic_write_json(os.path.join(workdir, CONFIG_FILE), config_dict)
+    logging.info('job %s, workdir %s, %d processes, %d devices',
                  config.trainer, workdir, jax.process_count(),
                  jax.device_count())
-    report = trainer.train_and_evaluate(config, workdir)
+    report = runner.execute(job, runner.Context(workdir, config))
     metrics.write_report(workdir, report)
   return report
+
+
+def describe(job: str) -> str:
+  """Every config key of `job` with its default and meaning."""
+  return '\n'.join([f'# {job}: config keys (RUN_DEFAULTS + defaults())']
+                    + config_lib.describe(registry.schema(job)))
+
+
+def stage_names_to_indices(argv: list[str]) -> list[str]:
+  """--config.stages.NAME.key=v -> --config.stages[i].key=v.
+
+  The stage names come from the config file itself (get_config is cheap and
+  has no side effects), so both spellings address the same key.
+  """
+  if not any(a.startswith('--config.stages.') for a in argv):
+    return argv
+  spec = next((a.split('=', 1)[1] for a in argv
+               if a.startswith('--config=')), None)
+  if spec is None:
+    return argv
+  path, _, arg = spec.partition(':')
+  module = config_flags.config_flags._LoadConfigModule(  # pylint: disable=protected-access
+      'stage_names', path)
+  config = module.get_config(*([arg] if arg else []))
+  names = [s.get('name') for s in config.get('stages', [])]
+  out = []
+  for a in argv:
+    if a.startswith('--config.stages.'):
+      name, _, rest = a[len('--config.stages.'):].partition('.')
+      if name not in names:
+        sys.exit(f'FATAL Flags parsing error: {a.split("=", 1)[0]}: no stage '
+                 f'named {name!r}; stages: {names}.')
+      a = f'--config.stages[{names.index(name)}].{rest}'
+    out.append(a)
+  return out
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -142,6 +181,13 @@ def parse_flags(argv: list[str]) -> list[str]:
   override path or a get_config(arg) error.
   """
   try:
+    if any(a.startswith('--describe') for a in argv):
+      flags.FLAGS(argv, known_only=True)
+      print(describe(_DESCRIBE.value))
+      sys.exit(0)
+    argv = stage_names_to_indices(argv)
+    # ml_collections reads the --config.* overrides from sys.argv itself.
+    sys.argv[1:] = argv[1:]
     return flags.FLAGS(argv)
   except config_flags.config_flags.UnsupportedOperationError as e:
     sys.exit(f'FATAL Flags parsing error: {str(e).split(". Currently")[0]}.')

@@ -24,9 +24,9 @@ import sys
 import jax
 import orbax.checkpoint as ocp
 
-from edgevl_jax.train import checkpoint as checkpoint_lib
-from edgevl_jax.train import loop
-from edgevl_jax.train import metrics as metrics_lib
+from edgevl_jax.run import checkpoint as checkpoint_lib
+from edgevl_jax.run import loop
+from edgevl_jax.run import metrics as metrics_lib
 
 KINDS = ('sigterm', 'sigkill', 'sigkill-ckpt', 'sigkill-report')
 

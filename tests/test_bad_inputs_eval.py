@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from edgevl_jax.eval import artefacts
-from edgevl_jax.eval import zero_shot
+from edgevl_jax.edgevl import handoff
+from edgevl_jax.edgevl import zero_shot
 
 META = dict(name="vit_ti16", embed_dim=8, normalization="clip",
             overrides=dict(image_size=16, patch_size=8, width=16, depth=1,
@@ -40,15 +40,15 @@ def test_accuracy_and_probabilities_name_both_shapes():
 
 
 def _save(workdir, params):
-  artefacts.save_student(str(workdir), meta=META, params=params)
+  handoff.save_student(str(workdir), meta=META, params=params)
 
 
 def test_corrupt_student_files_are_named(tmp_path):
-  model = artefacts.build_student(META)
+  model = handoff.build_student(META)
   params = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
   params = flax.linen.unbox(params)
   _save(tmp_path, params)
-  _, loaded, meta = artefacts.load_student(str(tmp_path))
+  _, loaded, meta = handoff.load_student(str(tmp_path))
   assert meta["embed_dim"] == 8
   # NaN params (a diverged run) are named.
   flat = flax.traverse_util.flatten_dict(jax.device_get(params), sep="/")
@@ -56,19 +56,19 @@ def test_corrupt_student_files_are_named(tmp_path):
   flat[name] = np.asarray(flat[name]).copy()
   flat[name].reshape(-1)[:2] = np.nan
   _save(tmp_path, flax.traverse_util.unflatten_dict(flat, sep="/"))
-  file = os.path.join(tmp_path, artefacts.STUDENT_PARAMS)
+  file = os.path.join(tmp_path, handoff.STUDENT_PARAMS)
   with pytest.raises(ValueError, match=rf"student params '{file}': 1 "
                      rf"tensor\(s\) hold NaN or inf values \('{name}': 2 of"):
-    artefacts.load_student(str(tmp_path))
+    handoff.load_student(str(tmp_path))
   # A truncated params file.
   _save(tmp_path, params)
   blob = open(file, "rb").read()
   open(file, "wb").write(blob[:len(blob) // 3])
   with pytest.raises(ValueError, match=rf"{file} is truncated or corrupt"):
-    artefacts.load_student(str(tmp_path))
+    handoff.load_student(str(tmp_path))
   # An invalid student.json.
-  with open(os.path.join(tmp_path, artefacts.STUDENT_FILE), "w") as f:
+  with open(os.path.join(tmp_path, handoff.STUDENT_FILE), "w") as f:
     f.write(json.dumps(META)[:-5])
   with pytest.raises(ValueError, match=r"student.json is not valid JSON .*"
                      "re-run the stage that wrote it"):
-    artefacts.load_student(str(tmp_path))
+    handoff.load_student(str(tmp_path))

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from edgevl_jax import quant
-from edgevl_jax.eval import artefacts
+from edgevl_jax.edgevl import handoff
 from edgevl_jax.export import artifact
 from edgevl_jax.export import predict
 
@@ -27,17 +27,17 @@ CLASSES = ["chair", "table", "bed"]
 
 @pytest.fixture(scope="module", name="exported")
 def _exported(tmp_path_factory):
-  model = artefacts.build_student(META)
+  model = handoff.build_student(META)
   params = model.init(jax.random.PRNGKey(0),
                       jnp.zeros((1, 16, 16, 3)))["params"]
   calib = [jnp.asarray(np.random.default_rng(0).normal(size=(4, 16, 16, 3)),
                        jnp.float32)]
   spec = quant.int8(calibration="static")
   variables = quant.calibrate(
-      artefacts.build_student(META, spec.replace(phase="calibrate")).apply,
+      handoff.build_student(META, spec.replace(phase="calibrate")).apply,
       {"params": params}, calib)
   served = quant.convert(
-      artefacts.build_student(META, spec.replace(phase="convert")).apply,
+      handoff.build_student(META, spec.replace(phase="convert")).apply,
       variables, calib[0][:1])
   out = str(tmp_path_factory.mktemp("artifact"))
   artifact.export_artifact(

@@ -15,7 +15,7 @@ import safetensors.numpy
 import torch
 import transformers
 
-from edgevl_jax.eval import artefacts
+from edgevl_jax.edgevl import handoff
 from edgevl_jax.models import clip
 from edgevl_jax.models import students
 from edgevl_jax.utils import jsonio
@@ -59,7 +59,7 @@ def test_good_teacher_folder_passes_and_loads(tmp_path, tok_dir):
   info = clip.check_clip_folder(path)
   assert info["weights"] == "model.safetensors"
   assert info["tokenizer_vocab_size"] <= info["text_vocab_size"]
-  model, params, tok = artefacts.load_teacher(path)
+  model, params, tok = handoff.load_teacher(path)
   assert len(tok) <= model.config.text.vocab_size
 
 
@@ -76,7 +76,7 @@ def test_folder_without_tokenizer_is_refused(tmp_path, tok_dir):
                      r"\(missing vocab.json / merges.txt / tokenizer.json\)"):
     clip.check_clip_folder(path)
   with pytest.raises(ValueError, match="no tokenizer files"):
-    artefacts.load_teacher(path)
+    handoff.load_teacher(path)
   # An image-tower-only job (CKA) may use it.
   assert clip.check_clip_folder(path, tokenizer=False)["tokenizer_vocab_size"] \
       is None

@@ -108,15 +108,15 @@ def test_cka_trainer_writes_heatmaps(tmp_path):
   cfg_mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(cfg_mod)
   # A student saved the way the EdgeVL stages save theirs.
-  from edgevl_jax.eval import artefacts
+  from edgevl_jax.edgevl import handoff
   meta = {"name": "vit_ti16", "embed_dim": 8, "normalization": "clip",
           "image_size": 16, "overrides": dict(
               image_size=16, patch_size=4, width=16, depth=2, num_heads=2)}
-  student = artefacts.build_student(meta)
+  student = handoff.build_student(meta)
   params = flax.linen.unbox(jax.jit(student.init)(
       jax.random.key(3), jnp.zeros((1, 16, 16, 3))))["params"]
   os.makedirs(tmp_path / "student")
-  artefacts.save_student(str(tmp_path / "student"), meta=meta,
+  handoff.save_student(str(tmp_path / "student"), meta=meta,
                          params=params)
   config = cfg_mod.get_config(
       f"quick,data_dir={tmp_path / 'tfds'},teacher={tmp_path / 'clip'},"

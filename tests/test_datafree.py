@@ -94,7 +94,7 @@ from edgevl_jax.models import multihead  # noqa: E402
 from edgevl_jax.models import students  # noqa: E402
 from edgevl_jax.models import generator as generator_lib  # noqa: E402
 from edgevl_jax.train import datafree_kd  # noqa: E402
-from edgevl_jax.train import mesh as mesh_lib  # noqa: E402
+from edgevl_jax.run import mesh as mesh_lib  # noqa: E402
 
 _TRUNK = dict(stage_sizes=(1, 1, 1, 1), widths=(4, 8, 8, 16), stem_width=4,
               cifar_stem=True, image_size=16)

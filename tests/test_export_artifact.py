@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from edgevl_jax import quant
-from edgevl_jax.eval import artefacts
+from edgevl_jax.edgevl import handoff
 from edgevl_jax.export import artifact
 from edgevl_jax.export import predict
 from edgevl_jax.models import preprocess
@@ -22,17 +22,17 @@ CLASSES = ["chair", "table", "bed", "sofa", "lamp"]
 
 def _served(seed=0):
   """Static-calibrated, converted tiny student (fp32 params random)."""
-  model = artefacts.build_student(META)
+  model = handoff.build_student(META)
   params = model.init(jax.random.PRNGKey(seed),
                       jnp.zeros((1, 16, 16, 3)))["params"]
   rng = np.random.default_rng(seed)
   calib = [jnp.asarray(rng.normal(size=(8, 16, 16, 3)), jnp.float32)]
   spec = quant.int8(calibration="static")
   variables = quant.calibrate(
-      artefacts.build_student(META, spec.replace(phase="calibrate")).apply,
+      handoff.build_student(META, spec.replace(phase="calibrate")).apply,
       {"params": params}, calib)
   return quant.convert(
-      artefacts.build_student(META, spec.replace(phase="convert")).apply,
+      handoff.build_student(META, spec.replace(phase="convert")).apply,
       variables, calib[0][:1])
 
 
@@ -49,7 +49,7 @@ def exported(tmp_path_factory):
 
 def _reference(served, images01):
   """In-framework served int8 student, normalised output."""
-  model = artefacts.build_student(
+  model = handoff.build_student(
       META, quant.int8(calibration="static").replace(phase="serve"))
   x = preprocess.normalize(jnp.asarray(images01, jnp.float32), "clip")
   emb = jax.jit(lambda v, x: quant.serve_apply(model.apply, v, x))(served, x)

@@ -18,9 +18,9 @@ import portpicker
 import pytest
 
 from edgevl_jax.data import sources
-from edgevl_jax.eval import splits
-from edgevl_jax.train import checkpoint as checkpoint_lib
-from edgevl_jax.train import metrics as metrics_lib
+from edgevl_jax.edgevl import splits
+from edgevl_jax.run import checkpoint as checkpoint_lib
+from edgevl_jax.run import metrics as metrics_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Stage order of configs/demo.py: clip_pretrain, pseudo_labels,

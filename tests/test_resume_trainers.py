@@ -25,8 +25,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
 
-from edgevl_jax.train import checkpoint as checkpoint_lib  # noqa: E402
-from edgevl_jax.train import metrics as metrics_lib  # noqa: E402
+from edgevl_jax.run import checkpoint as checkpoint_lib  # noqa: E402
+from edgevl_jax.run import metrics as metrics_lib  # noqa: E402
 
 # Values that are not results: wall-clock measurements, and whether a
 # pipeline stage was skipped because an earlier run finished it.

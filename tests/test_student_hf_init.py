@@ -1,7 +1,7 @@
 """Stage 1 starts its student from a Hugging Face checkpoint when asked.
 
 A tiny random HF ViT is saved to a folder; the stage-1 trainer's own init
-path (`student_meta` -> `artefacts.build_student` -> `student_init_fn` ->
+path (`student_meta` -> `handoff.build_student` -> `student_init_fn` ->
 `state.create_train_state`) must put exactly its weights into the train
 state, record an architecture that rebuilds the same model, and refuse a
 config whose student disagrees with the folder before any compute.
@@ -14,10 +14,11 @@ import pytest
 import torch
 import transformers as tr
 
-from edgevl_jax.eval import artefacts
+from edgevl_jax.edgevl import handoff
 from edgevl_jax.train import dual_modality_kd as kd
-from edgevl_jax.train import mesh as mesh_lib
-from edgevl_jax.train import state as state_lib
+from edgevl_jax.run import mesh as mesh_lib
+from edgevl_jax.run import optim as optim_lib
+from edgevl_jax.run import state as state_lib
 
 S, D = 32, 16
 # ViT-Ti/16 shrunk to the checkpoint below: width 32, 1 block, 2 heads.
@@ -52,9 +53,9 @@ def _initial_params(config):
   """The stage-1 trainer's initial student params (replicated state)."""
   kd.validate_student(config)
   meta = kd.student_meta(config, D)
-  model = artefacts.build_student(meta)
+  model = handoff.build_student(meta)
   init_fn = kd.student_init_fn(config, model, meta, jax.random.key(5))
-  tx = state_lib.make_optimizer(ml_collections.ConfigDict(
+  tx = optim_lib.make_optimizer(ml_collections.ConfigDict(
       dict(name="adamw", lr=1e-3, schedule="constant")), 10)
   state, _ = state_lib.create_train_state(
       init_fn, tx, jax.random.key(0), mesh=mesh_lib.make_mesh(),
@@ -91,7 +92,7 @@ def test_initial_params_are_the_checkpoint(hf_vit):
   # and rebuilds the same model with the same outputs.
   assert meta["overrides"]["layer_norm_eps"] == pytest.approx(1e-12)
   assert meta["overrides"]["mlp_dim"] == 128
-  rebuilt = artefacts.build_student(meta)
+  rebuilt = handoff.build_student(meta)
   assert rebuilt.backbone == model.backbone
   x = jax.random.uniform(jax.random.key(1), (2, S, S, 3))
   np.testing.assert_allclose(rebuilt.apply({"params": params}, x),
@@ -104,10 +105,10 @@ def test_missing_key_or_empty_trains_from_scratch(hf_vit):
   kd.validate_student(config)
   meta = kd.student_meta(config, D)
   assert meta["overrides"] == dict(MATCHING)
-  init_fn = kd.student_init_fn(config, artefacts.build_student(meta), meta,
+  init_fn = kd.student_init_fn(config, handoff.build_student(meta), meta,
                                jax.random.key(0))
   variables = init_fn(jax.random.key(3))
-  ref = artefacts.build_student(meta).init(jax.random.key(3),
+  ref = handoff.build_student(meta).init(jax.random.key(3),
                                            jnp.zeros((1, S, S, 3)))
   np.testing.assert_array_equal(
       jax.tree.leaves(variables["params"])[0],

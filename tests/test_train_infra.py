@@ -19,14 +19,15 @@ if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
 
 from edgevl_jax.models import layers  # noqa: E402
-from edgevl_jax.train import checkpoint as checkpoint_lib  # noqa: E402
-from edgevl_jax.train import config_utils  # noqa: E402
-from edgevl_jax.train import loop  # noqa: E402
-from edgevl_jax.train import mesh as mesh_lib  # noqa: E402
-from edgevl_jax.train import metrics as metrics_lib  # noqa: E402
+from edgevl_jax.run import checkpoint as checkpoint_lib  # noqa: E402
+from edgevl_jax.run import config as config_lib  # noqa: E402
+from edgevl_jax.run import loop  # noqa: E402
+from edgevl_jax.run import mesh as mesh_lib  # noqa: E402
+from edgevl_jax.run import metrics as metrics_lib  # noqa: E402
 from edgevl_jax.train import pipeline  # noqa: E402
-from edgevl_jax.train import registry  # noqa: E402
-from edgevl_jax.train import state as state_lib  # noqa: E402
+from edgevl_jax.run import registry  # noqa: E402
+from edgevl_jax.run import optim as optim_lib
+from edgevl_jax.run import state as state_lib  # noqa: E402
 from tests import toy_trainer  # noqa: E402
 
 
@@ -47,7 +48,7 @@ def test_weight_decay_mask_follows_the_documented_rule():
       },
       'head': {'kernel': jnp.zeros((8, 10))},
   }
-  mask = state_lib.weight_decay_mask(params)
+  mask = optim_lib.weight_decay_mask(params)
   decayed = {'/'.join(str(k.key) for k in p)
              for p, v in jax.tree_util.tree_flatten_with_path(mask)[0] if v}
   assert decayed == {'patch_embed/kernel', 'block0/attn/qkv/kernel',
@@ -62,15 +63,15 @@ def _adamw_config(**kw):
 
 
 def test_cosine_schedule_endpoints_and_warmup():
-  sched = state_lib.make_schedule(_adamw_config(), 100)
+  sched = optim_lib.make_schedule(_adamw_config(), 100)
   assert float(sched(0)) == pytest.approx(1e-4, rel=1e-6)
   assert float(sched(50)) == pytest.approx((1e-4 + 5e-6) / 2, rel=1e-5)
   assert float(sched(100)) == pytest.approx(5e-6, rel=1e-5)
-  warm = state_lib.make_schedule(_adamw_config(warmup_steps=10), 110)
+  warm = optim_lib.make_schedule(_adamw_config(warmup_steps=10), 110)
   assert float(warm(0)) == 0.0
   assert float(warm(10)) == pytest.approx(1e-4, rel=1e-6)
   assert float(warm(110)) == pytest.approx(5e-6, rel=1e-5)
-  step = state_lib.make_schedule(ml_collections.ConfigDict(dict(
+  step = optim_lib.make_schedule(ml_collections.ConfigDict(dict(
       name='sgd', lr=0.1, schedule='step', milestones=(100, 200))), 300)
   np.testing.assert_allclose([float(step(s)) for s in (0, 99, 100, 200, 299)],
                              [0.1, 0.1, 0.01, 0.001, 0.001], rtol=1e-6)
@@ -78,14 +79,14 @@ def test_cosine_schedule_endpoints_and_warmup():
 
 def test_adamw_decays_only_masked_params_and_clips():
   params = {'dense': {'kernel': jnp.ones((2, 2)), 'bias': jnp.ones(2)}}
-  tx = state_lib.make_optimizer(
+  tx = optim_lib.make_optimizer(
       _adamw_config(lr=0.1, end_lr=0.1, weight_decay=0.5), 10)
   zero = jax.tree.map(jnp.zeros_like, params)
   updates, _ = tx.update(zero, tx.init(params), params)
   # Zero gradients: only decoupled weight decay moves the kernel (lr * wd).
   np.testing.assert_allclose(updates['dense']['kernel'], -0.05, rtol=1e-6)
   np.testing.assert_allclose(updates['dense']['bias'], 0.0)
-  clip = state_lib.make_optimizer(ml_collections.ConfigDict(dict(
+  clip = optim_lib.make_optimizer(ml_collections.ConfigDict(dict(
       name='sgd', lr=1.0, schedule='constant', momentum=0.0,
       grad_clip_norm=1.0)), 10)
   big = {'dense': {'kernel': jnp.full((2, 2), 3.0), 'bias': jnp.zeros(2)}}
@@ -101,7 +102,7 @@ def test_adamw_decays_only_masked_params_and_clips():
 ])
 def test_optimizer_config_errors_name_the_key(bad, key):
   with pytest.raises(ValueError, match=key.replace('.', r'\.')):
-    state_lib.make_optimizer(_adamw_config(**bad), 10)
+    optim_lib.make_optimizer(_adamw_config(**bad), 10)
 
 
 def test_make_mesh_sizes_and_errors():
@@ -208,22 +209,22 @@ def test_metric_writer_report_and_plots(tmp_path):
 
 
 def test_parse_arg_and_require():
-  args = config_utils.parse_arg('quick,student=vit_s16,res=128', quick=False,
+  args = config_lib.parse_arg('quick,student=vit_s16,res=128', quick=False,
                                 student='vit_t', res=224, lr=1e-3)
   assert args.to_dict() == {'quick': True, 'student': 'vit_s16', 'res': 128,
                             'lr': 1e-3}
   with pytest.raises(ValueError, match="Unknown config arg 'bogus'"):
-    config_utils.parse_arg('bogus', quick=False)
+    config_lib.parse_arg('bogus', quick=False)
   with pytest.raises(ValueError, match="'res': expected an int"):
-    config_utils.parse_arg('res=big', res=224)
+    config_lib.parse_arg('res=big', res=224)
   config = ml_collections.ConfigDict({'optim': {'name': 'lamb'}, 'n': 0})
   with pytest.raises(ValueError, match=r"config\.optim\.name must be one of"):
-    config_utils.require(config, 'optim.name', allowed=('adamw', 'sgd'))
+    config_lib.require(config, 'optim.name', allowed=('adamw', 'sgd'))
   with pytest.raises(ValueError, match=r'config\.n must be a positive int'):
-    config_utils.require_positive(config, 'n', integer=True)
+    config_lib.require_positive(config, 'n', integer=True)
   with pytest.raises(ValueError, match=r'config\.missing is missing'):
-    config_utils.require(config, 'missing')
-  assert config_utils.diff_keys({'a': 1, 'b': {'c': 2}},
+    config_lib.require(config, 'missing')
+  assert config_lib.diff_keys({'a': 1, 'b': {'c': 2}},
                                 {'a': 1, 'b': {'c': 3}, 'd': 0}) == ['b.c', 'd']
 
 
@@ -303,7 +304,7 @@ def test_shard_params_and_batch_stats_state_through_fit(tmp_path):
   assert shardings['params']['Conv_0']['kernel'].spec[-1] == 'fsdp'
   assert kernel.addressable_shards[0].data.shape == (3, 3, 3, 2)
 
-  tx = state_lib.make_optimizer(_adamw_config(lr=1e-2), 6)
+  tx = optim_lib.make_optimizer(_adamw_config(lr=1e-2), 6)
   state, sh = state_lib.create_train_state(
       lambda k: model.init(k, x, train=False), tx, jax.random.PRNGKey(1),
       mesh=mesh)

@@ -9,16 +9,17 @@ import numpy as np
 import pytest
 
 from edgevl_jax import quant
-from edgevl_jax.eval import artefacts
-from edgevl_jax.eval import zero_shot
+from edgevl_jax.edgevl import handoff
+from edgevl_jax.edgevl import zero_shot
 from edgevl_jax.models import clip
 from edgevl_jax.models import students
 from edgevl_jax.train import clip_pretrain
 from edgevl_jax.train import dual_modality_kd as kd
-from edgevl_jax.train import mesh as mesh_lib
+from edgevl_jax.run import mesh as mesh_lib
 from edgevl_jax.train import pseudo_labels
 from edgevl_jax.train import qat_contrastive
-from edgevl_jax.train import state as state_lib
+from edgevl_jax.run import optim as optim_lib
+from edgevl_jax.run import state as state_lib
 
 S = 16
 TINY_CLIP = ml_collections.ConfigDict(dict(
@@ -56,7 +57,7 @@ def _run(step, state, batch, n, extra=()):
 
 
 def _student_state(mesh, model, params=None, rules=kd.REPLICATED_RULES):
-  tx = state_lib.make_optimizer(OPTIM, 100)
+  tx = optim_lib.make_optimizer(OPTIM, 100)
   init = (lambda k: model.init(k, jnp.zeros((1, S, S, 3)))) if params is None \
       else (lambda k: {"params": params})
   return state_lib.create_train_state(init, tx, jax.random.key(1), mesh=mesh,
@@ -68,7 +69,7 @@ def test_kd_step_loss_falls_sharded(mesh, teacher, kind, mode):
   t_model, t_params = teacher
   model = students.build("vit_ti16", embed_dim=16, **TINY_STUDENT)
   state, state_sh = _student_state(mesh, model)
-  norm = artefacts.normalizer("clip")
+  norm = handoff.normalizer("clip")
   step = mesh_lib.jit_sharded(
       kd.make_train_step(model, t_model, kind=kind, mode=mode, t_norm=norm,
                          s_norm=norm),
@@ -86,7 +87,7 @@ def test_kd_step_loss_falls_sharded(mesh, teacher, kind, mode):
 def test_kd_cached_teacher_equals_inline(mesh, teacher):
   t_model, t_params = teacher
   model = students.build("vit_ti16", embed_dim=16, **TINY_STUDENT)
-  norm = artefacts.normalizer("clip")
+  norm = handoff.normalizer("clip")
   step = jax.jit(kd.make_train_step(model, t_model, kind="l1", mode="both",
                                     t_norm=norm, s_norm=norm))
   k1, k2 = jax.random.split(jax.random.key(3))
@@ -101,13 +102,13 @@ def test_kd_cached_teacher_equals_inline(mesh, teacher):
 
 def test_clip_step_loss_falls(mesh, teacher):
   t_model, _ = teacher
-  tx = state_lib.make_optimizer(OPTIM, 100)
+  tx = optim_lib.make_optimizer(OPTIM, 100)
   ids = jnp.ones((1, 8), jnp.int32)
   state, sh = state_lib.create_train_state(
       lambda k: t_model.init(k, jnp.zeros((1, S, S, 3)), ids, ids), tx,
       jax.random.key(0), mesh=mesh)
   step = jax.jit(clip_pretrain.make_train_step(t_model,
-                                               artefacts.normalizer("clip")))
+                                               handoff.normalizer("clip")))
   rs = np.random.default_rng(0)
   batch = {"rgb": _images(jax.random.key(4), 8),
            "input_ids": jnp.asarray(rs.integers(2, 300, (8, 8)), jnp.int32),
@@ -134,7 +135,7 @@ def test_qat_step_int8_params_tree_equals_fp32_and_loss_falls(mesh):
                      **TINY_STUDENT)
   state, _ = _student_state(mesh, q, params=params)
   step = jax.jit(qat_contrastive.make_train_step(
-      q, artefacts.normalizer("clip"), margin=0.3, online=False))
+      q, handoff.normalizer("clip"), margin=0.3, online=False))
   batch = _triplet_batch(jax.random.key(5))
   new_state, losses = _run(step, state, batch, 8)
   assert (jax.tree.structure(new_state.params)
@@ -150,7 +151,7 @@ def test_qat_online_step_loss_falls(mesh):
                      **TINY_STUDENT)
   state, _ = _student_state(mesh, q)
   step = jax.jit(qat_contrastive.make_train_step(
-      q, artefacts.normalizer("clip"), margin=0.3, online=True))
+      q, handoff.normalizer("clip"), margin=0.3, online=True))
   k1, k2 = jax.random.split(jax.random.key(6))
   batch = {"rgb": _images(k1, 16), "other": _images(k2, 16),
            "pseudo_label": jnp.arange(16) % 4}

@@ -14,7 +14,7 @@ if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
 
 from edgevl_jax import main as main_lib  # noqa: E402
-from edgevl_jax.train import workdir_lock  # noqa: E402
+from edgevl_jax.run import lock as workdir_lock  # noqa: E402
 from tests import toy_trainer  # noqa: E402
 
 ENV = {**os.environ, 'PYTHONPATH': str(ROOT)}
@@ -29,7 +29,7 @@ def _main(workdir, *flags, config='tests/toy_trainer.py:steps=20'):
 
 _HOLDER = """
 import sys, time
-from edgevl_jax.train import workdir_lock
+from edgevl_jax.run import lock as workdir_lock
 with workdir_lock.hold(sys.argv[1]):
   print('locked', flush=True)
   time.sleep(600)

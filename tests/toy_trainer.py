@@ -22,18 +22,19 @@ import numpy as np
 import optax
 
 from edgevl_jax.models import layers
-from edgevl_jax.train import checkpoint as checkpoint_lib
-from edgevl_jax.train import config_utils
-from edgevl_jax.train import loop
-from edgevl_jax.train import mesh as mesh_lib
-from edgevl_jax.train import metrics as metrics_lib
-from edgevl_jax.train import state as state_lib
+from edgevl_jax.run import checkpoint as checkpoint_lib
+from edgevl_jax.run import config as config_lib
+from edgevl_jax.run import loop
+from edgevl_jax.run import mesh as mesh_lib
+from edgevl_jax.run import metrics as metrics_lib
+from edgevl_jax.run import optim as optim_lib
+from edgevl_jax.run import state as state_lib
 
 DIM = 8
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = config_utils.parse_arg(arg, steps=60, nan_at_step=-1)
+  args = config_lib.parse_arg(arg, steps=60, nan_at_step=-1)
   config = ml_collections.ConfigDict()
   config.trainer = 'tests.toy_trainer'
   config.seed = 0
@@ -52,10 +53,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def validate_config(config: Any) -> None:
-  config_utils.require_positive(config, 'num_steps', integer=True)
-  config_utils.require_positive(config, 'batch_size', integer=True)
-  config_utils.require_positive(config, 'hidden', integer=True)
-  state_lib.validate_optim_config(config.optim)
+  config_lib.require_positive(config, 'num_steps', integer=True)
+  config_lib.require_positive(config, 'batch_size', integer=True)
+  config_lib.require_positive(config, 'hidden', integer=True)
+  optim_lib.validate_optim_config(config.optim)
 
 
 class ToyModel(nn.Module):
@@ -119,7 +120,7 @@ def make_train_step(model: ToyModel):
 def setup(config: Any, mesh: jax.sharding.Mesh):
   """(model, state, shardings, jitted train step) for `config` on `mesh`."""
   model = ToyModel(config.hidden)
-  tx = state_lib.make_optimizer(config.optim, config.num_steps)
+  tx = optim_lib.make_optimizer(config.optim, config.num_steps)
   state, shardings = state_lib.create_train_state(
       lambda k: model.init(k, jnp.zeros((1, DIM))), tx,
       jax.random.PRNGKey(config.seed), mesh=mesh)

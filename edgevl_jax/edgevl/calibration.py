@@ -6,6 +6,7 @@ both, then frozen. Weights are per output channel in every case.
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Mapping
 
 import jax
@@ -13,8 +14,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from edgevl_jax import quant
-from edgevl_jax.eval import artefacts
-from edgevl_jax.eval import splits
+from edgevl_jax.edgevl import curation
+from edgevl_jax.edgevl import handoff
+from edgevl_jax.edgevl import splits
+from edgevl_jax.run import config as config_lib
+
+f = config_lib.field
+# Keys of the jobs that calibrate (zero_shot_eval, export).
+SCHEMA: config_lib.Schema = {
+    "calibration_batch_size": f(32, "pairs per calibration batch"),
+    "calibration_batches": f(2, "calibration batches (train, curated)"),
+    "crop_scale": f((0.08, 1.0), "crop scale of the calibration images"),
+}
+del f
 
 
 def calibration_inputs(source: Any, *, normalization: str, image_size: int,
@@ -23,7 +35,7 @@ def calibration_inputs(source: Any, *, normalization: str, image_size: int,
                        crop_scale: tuple[float, float] = (0.08, 1.0)
                        ) -> list[jax.Array]:
   """`num_batches` normalised (2B, S, S, 3) batches [non-RGB; RGB]."""
-  norm = artefacts.normalizer(normalization)
+  norm = handoff.normalizer(normalization)
   batches = splits.first_batches(
       source, image_size=image_size, batch_size=batch_size,
       num_batches=num_batches, seed=seed, indices=indices,
@@ -32,17 +44,47 @@ def calibration_inputs(source: Any, *, normalization: str, image_size: int,
           for b in batches]
 
 
-def static_student(meta: Mapping[str, Any], params: Any,
-                   batches: list[jax.Array]
-                   ) -> tuple[Any, dict[str, Any], Callable[..., Any]]:
-  """(static model, variables with quant_stats, jitted embed fn).
-
-  The embed fn maps images in [0, 1] (normalised inside) to (B, D).
-  """
+def calibrated_variables(meta: Mapping[str, Any], params: Any,
+                         batches: list[jax.Array]) -> dict[str, Any]:
+  """{'params', 'quant_stats'}: static int8 ranges from `batches`."""
   spec = quant.int8(calibration="static")
-  m_cal = artefacts.build_student(meta, spec.replace(phase="calibrate"))
-  variables = quant.calibrate(m_cal.apply, {"params": params}, batches)
-  model = artefacts.build_student(meta, spec)
-  norm = artefacts.normalizer(meta["normalization"])
+  m_cal = handoff.build_student(meta, spec.replace(phase="calibrate"))
+  return quant.calibrate(m_cal.apply, {"params": params}, batches)
+
+
+def calibrate_student(config: Any, student_path: str, source: Any,
+                      cache: dict[Any, Any] | None = None
+                      ) -> tuple[dict[str, Any], dict[str, Any], Any]:
+  """(meta, calibrated variables, fp32 params) of the student at a path.
+
+  Calibrates on config.calibration_batches batches of
+  config.calibration_batch_size train pairs of the curated subset (both
+  modalities). `cache` (the pipeline's) keeps the result, so the evaluation
+  and export stages of one pipeline calibrate once.
+  """
+  indices, _ = curation.curated_subset(config.pseudo_labels)
+  key = ("calibration", os.path.abspath(student_path),
+         config.calibration_batch_size, config.calibration_batches,
+         config.seed, config.pseudo_labels, tuple(config.crop_scale),
+         config.image_size)
+  if cache is not None and key in cache:
+    return cache[key]
+  _, params, meta = handoff.load_student(student_path)
+  batches = calibration_inputs(
+      source, normalization=meta["normalization"],
+      image_size=config.image_size, batch_size=config.calibration_batch_size,
+      num_batches=config.calibration_batches, seed=config.seed,
+      indices=indices, crop_scale=tuple(config.crop_scale))
+  out = (meta, calibrated_variables(meta, params, batches), params)
+  if cache is not None:
+    cache[key] = out
+  return out
+
+
+def static_student(meta: Mapping[str, Any], variables: Mapping[str, Any]
+                   ) -> tuple[Any, Callable[..., Any]]:
+  """(static int8 model, jitted embed fn images in [0, 1] -> (B, D))."""
+  model = handoff.build_student(meta, quant.int8(calibration="static"))
+  norm = handoff.normalizer(meta["normalization"])
   embed = jax.jit(lambda v, x: model.apply(v, norm(x)))
-  return model, variables, lambda x: embed(variables, x)
+  return model, lambda x: embed(variables, x)

@@ -12,39 +12,46 @@ from typing import Any
 import jax
 
 from edgevl_jax import data as data_lib
-from edgevl_jax.eval import artefacts
-from edgevl_jax.eval import zero_shot
+from edgevl_jax.edgevl import handoff
+from edgevl_jax.edgevl import zero_shot
 from edgevl_jax.models import clip
 from edgevl_jax.models import clip_convert
-from edgevl_jax.train import config_utils
-from edgevl_jax.train import metrics as metrics_lib
+from edgevl_jax.run import config as config_lib
+from edgevl_jax.utils import io
 
 NORMALIZATIONS = ("clip", "imagenet")
 MAX_SEED = 2**31 - 1
 
 
 def _value(config: Any, key: str) -> Any:
-  return config_utils.require(config, key)
+  return config_lib.require(config, key)
 
 
 def dataset(config: Any, key: str = "dataset") -> None:
   """An EdgeVL paired dataset name (synthetic_rgbd, eurosat, scannet, ...)."""
-  config_utils.require(config, key, allowed=data_lib.DATASET_NAMES)
+  config_lib.require(config, key, allowed=data_lib.DATASET_NAMES)
 
 
 def normalization(config: Any, key: str) -> None:
-  config_utils.require(config, key, allowed=NORMALIZATIONS)
+  config_lib.require(config, key, allowed=NORMALIZATIONS)
 
 
 def seed(config: Any, key: str = "seed") -> None:
-  config_utils.require(config, key, types=int,
+  config_lib.require(config, key, types=int,
                        check=lambda v: 0 <= v <= MAX_SEED,
                        expected=f"an int in [0, {MAX_SEED}]")
 
 
+def common_edgevl(config: Any) -> None:
+  """The keys every EdgeVL stage has: dataset, seed, sizes."""
+  dataset(config)
+  seed(config)
+  positive_ints(config, "image_size", "eval_batch_size")
+
+
 def positive_ints(config: Any, *keys: str) -> None:
   for key in keys:
-    config_utils.require_positive(config, key, integer=True)
+    config_lib.require_positive(config, key, integer=True)
 
 
 def batch_fits_devices(config: Any, key: str = "batch_size", *,
@@ -54,7 +61,7 @@ def batch_fits_devices(config: Any, key: str = "batch_size", *,
   Contrastive losses need `minimum=2`: with one example the only candidate
   is the positive, the loss is zero and nothing is learnt.
   """
-  size = config_utils.require_positive(config, key, integer=True)
+  size = config_lib.require_positive(config, key, integer=True)
   if size < minimum:
     raise ValueError(
         f"config.{key}={size}: this loss needs at least {minimum} {what} per "
@@ -70,21 +77,21 @@ def batch_fits_devices(config: Any, key: str = "batch_size", *,
 def teacher_folder(config: Any, key: str = "teacher", *,
                    tokenizer: bool = True) -> None:
   """An HF CLIP folder (or a clip_pretrain workdir) that is complete."""
-  path = config_utils.require(config, key, types=str)
-  if config_utils.is_reference(path):
+  path = config_lib.require(config, key, types=str)
+  if config_lib.is_reference(path):
     return
   try:
-    clip.check_clip_folder(artefacts.teacher_dir(path), tokenizer=tokenizer)
+    clip.check_clip_folder(handoff.teacher_dir(path), tokenizer=tokenizer)
   except ValueError as e:
     raise ValueError(f"config.{key}: {e}") from e
 
 
 def student_folder(config: Any, key: str) -> None:
   """The workdir of a finished dual_modality_kd / qat_contrastive stage."""
-  path = config_utils.require(config, key, types=str)
-  if config_utils.is_reference(path):
+  path = config_lib.require(config, key, types=str)
+  if config_lib.is_reference(path):
     return
-  missing = [f for f in (artefacts.STUDENT_FILE, artefacts.STUDENT_PARAMS)
+  missing = [f for f in (handoff.STUDENT_FILE, handoff.STUDENT_PARAMS)
              if not os.path.isfile(os.path.join(path, f))]
   if missing:
     raise ValueError(
@@ -95,8 +102,8 @@ def student_folder(config: Any, key: str) -> None:
 
 def folder(config: Any, key: str, *, what: str) -> None:
   """An existing folder (skipped when empty or a reference)."""
-  path = config_utils.require(config, key, types=str)
-  if path and not config_utils.is_reference(path) and not os.path.isdir(path):
+  path = config_lib.require(config, key, types=str)
+  if path and not config_lib.is_reference(path) and not os.path.isdir(path):
     raise ValueError(f"config.{key}={path!r} is not a folder; it must be "
                      f"{what}.")
 
@@ -109,13 +116,13 @@ def student_fits_teacher(config: Any, student_key: str,
   named before any image is embedded.
   """
   student, teacher = config[student_key], config[teacher_key]
-  if config_utils.is_reference(student) or config_utils.is_reference(teacher):
+  if config_lib.is_reference(student) or config_lib.is_reference(teacher):
     return
-  meta = metrics_lib.read_json(
-      os.path.join(student, artefacts.STUDENT_FILE),
+  meta = io.read_json(
+      os.path.join(student, handoff.STUDENT_FILE),
       fix="re-run the stage that wrote it")
   projection = clip_convert.load_config(
-      artefacts.teacher_dir(teacher)).projection_dim
+      handoff.teacher_dir(teacher)).projection_dim
   zero_shot.check_embed_dim(
       int(meta["embed_dim"]), int(projection),
       student=f"the student in config.{student_key}={student!r}",

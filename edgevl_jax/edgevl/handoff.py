@@ -9,7 +9,6 @@ written by `dual_modality_kd` and `qat_contrastive`.
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Mapping, Sequence
 
@@ -21,9 +20,8 @@ import numpy as np
 from edgevl_jax.models import clip
 from edgevl_jax.models import preprocess
 from edgevl_jax.models import students
-from edgevl_jax.train import metrics as metrics_lib
 from edgevl_jax.utils import finite
-from edgevl_jax.utils import jsonio
+from edgevl_jax.utils import io
 
 STUDENT_FILE = "student.json"
 STUDENT_PARAMS = "student_params.msgpack"
@@ -89,19 +87,19 @@ def build_student(meta: Mapping[str, Any], quant: Any = None
                         quant=quant, **dict(meta.get("overrides") or {}))
 
 
-def save_student(workdir: str, *, meta: Mapping[str, Any], params: Any,
-                 extra: Mapping[str, Any] | None = None) -> None:
-  """Writes student.json and student_params.msgpack atomically."""
+def save_student(workdir: str, *, meta: Mapping[str, Any], params: Any
+                 ) -> None:
+  """Writes student_params.msgpack, then student.json (process 0).
+
+  Each file is written atomically; the params come first, so a student.json
+  always describes params that are complete on disk.
+  """
   host = jax.tree.map(np.asarray, jax.device_get(params))
-  blob = flax.serialization.msgpack_serialize(host)
-  path = os.path.join(workdir, STUDENT_PARAMS)
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
-    f.write(blob)
-  os.replace(tmp, path)
-  metrics_lib.atomic_write_text(
-      os.path.join(workdir, STUDENT_FILE),
-      json.dumps({**dict(meta), **dict(extra or {})}, indent=2))
+  if jax.process_index() != 0:
+    return
+  io.atomic_write_bytes(os.path.join(workdir, STUDENT_PARAMS),
+                        flax.serialization.msgpack_serialize(host))
+  io.atomic_write_json(os.path.join(workdir, STUDENT_FILE), dict(meta))
 
 
 def load_student(path: str, quant: Any = None
@@ -115,7 +113,7 @@ def load_student(path: str, quant: Any = None
         f"{path!r} holds no trained student ({STUDENT_FILE} and "
         f"{STUDENT_PARAMS}); point init_from/student at the workdir of a "
         "finished dual_modality_kd or qat_contrastive run.")
-  meta = jsonio.read_json(
+  meta = io.read_json(
       meta_file, required=("name", "embed_dim"),
       fix="re-run the stage that wrote it (dual_modality_kd or "
       "qat_contrastive)")

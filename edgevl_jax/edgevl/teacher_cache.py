@@ -18,7 +18,8 @@ import jax
 import numpy as np
 
 from edgevl_jax import data as data_lib
-from edgevl_jax.train import mesh as mesh_lib
+from edgevl_jax.run import mesh as mesh_lib
+from edgevl_jax.utils import io
 
 CACHE_DIR = "teacher_cache"
 
@@ -73,9 +74,8 @@ def build(encode: Callable[[jax.Array], jax.Array], source: Any, *,
       rgb = mesh_lib.shard_batch(batch["rgb"], mesh)
       rows.append(np.asarray(jax.device_get(encode(rgb)), np.float32))
     arr = np.stack(rows)
-    tmp = path + ".tmp.npy"
-    np.save(tmp, arr)
-    os.replace(tmp, path)
+    with io.atomic_path(path) as tmp:
+      np.save(tmp, arr)
     views.append(arr)
   return views
 

@@ -17,7 +17,8 @@ import numpy as np
 
 from edgevl_jax import data as data_lib
 from edgevl_jax import losses
-from edgevl_jax.eval import splits
+from edgevl_jax.edgevl import splits
+from edgevl_jax.utils import io
 
 MINING_SPACES = ("normalized", "unnormalized")
 TRIPLET_DIR = "triplets"
@@ -93,9 +94,8 @@ class EpochTriplets:
           f"epoch {epoch}: mining found {len(groups)} triplet groups, fewer "
           f"than batch_size={self.batch_size}; raise kept_fraction or the "
           "margin, or lower batch_size.")
-    tmp = path + ".tmp.npy"
-    np.save(tmp, groups)
-    os.replace(tmp, path)
+    with io.atomic_path(path) as tmp:
+      np.save(tmp, groups)
     return groups
 
   def __iter__(self) -> "EpochTriplets":
@@ -116,23 +116,6 @@ class EpochTriplets:
         continue
       self.i += 1
       return batch
-
-
-def triplet_loss_both(embeddings: jax.Array, mask: jax.Array, *,
-                      margin: float) -> jax.Array:
-  """Sum over modalities of the triplet margin loss within each modality.
-
-  Args:
-    embeddings: (M, B, 2 + K, D): M modalities of B groups (anchor,
-      positive, K negatives).
-    mask: (B, 2 + K) validity of each group member.
-  """
-  total = 0.0
-  for e in embeddings:
-    total = total + losses.triplet_margin_loss(
-        anchor=e[:, 0], positive=e[:, 1], negatives=e[:, 2:],
-        negative_mask=mask[:, 2:] & mask[:, :1] & mask[:, 1:2], margin=margin)
-  return total
 
 
 def make_triplet_loader(source: Any, *, seed: int, batch_size: int,

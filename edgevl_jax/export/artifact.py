@@ -25,7 +25,6 @@ A folder a device can run with JAX alone (no Flax model code, no text tower):
 from __future__ import annotations
 
 import io
-import json
 import os
 from typing import Any, Mapping, Sequence
 
@@ -35,11 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from edgevl_jax import quant
-from edgevl_jax.eval import artefacts
+from edgevl_jax.edgevl import handoff
 from edgevl_jax.export import size as size_lib
 from edgevl_jax.models import preprocess
-from edgevl_jax.train import metrics as metrics_lib
-from edgevl_jax.utils import jsonio
+from edgevl_jax.utils import io as io_lib
 
 FORMAT = "edgevl_jax.artifact/1"
 MANIFEST = "manifest.json"
@@ -53,16 +51,9 @@ def _fixed_file(batch: int) -> str:
   return f"student_b{batch}.jax.bin"
 
 
-def _write_bytes(path: str, blob: bytes) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
-    f.write(blob)
-  os.replace(tmp, path)
-
-
 def serving_fn(meta: Mapping[str, Any]):
   """f(served, images in [0, 1]) -> (B, D) unit-norm embeddings (traceable)."""
-  model = artefacts.build_student(
+  model = handoff.build_student(
       meta, quant.int8(calibration="static").replace(phase="serve"))
   kind = meta["normalization"]
 
@@ -122,7 +113,7 @@ def export_artifact(
   host = jax.tree.map(np.asarray, jax.device_get(
       flax.core.unfreeze(flax.linen.meta.unbox(dict(served)))))
   specs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), host)
-  image_size = int(artefacts.build_student(meta).image_size)
+  image_size = int(handoff.build_student(meta).image_size)
   fn = serving_fn(meta)
   os.makedirs(out_dir, exist_ok=True)
   files, exported_batches = {}, None
@@ -135,7 +126,7 @@ def export_artifact(
       # Some lowering rules need static shapes: fixed batch sizes instead.
       batch_sizes = DEFAULT_BATCH_SIZES
     else:
-      _write_bytes(os.path.join(out_dir, SYMBOLIC_FILE), exp.serialize())
+      io_lib.atomic_write_bytes(os.path.join(out_dir, SYMBOLIC_FILE), exp.serialize())
       files["symbolic"] = SYMBOLIC_FILE
       exported_batches = "symbolic"
   if batch_sizes is not None:
@@ -144,15 +135,14 @@ def export_artifact(
         raise ValueError(f"batch_sizes must be positive, found {batch}.")
       exp = _export(fn, specs, jax.ShapeDtypeStruct(
           (int(batch), image_size, image_size, 3), jnp.float32), platforms)
-      _write_bytes(os.path.join(out_dir, _fixed_file(int(batch))),
+      io_lib.atomic_write_bytes(os.path.join(out_dir, _fixed_file(int(batch))),
                    exp.serialize())
       files[str(int(batch))] = _fixed_file(int(batch))
     exported_batches = [int(b) for b in batch_sizes]
-  _write_bytes(os.path.join(out_dir, WEIGHTS),
+  io_lib.atomic_write_bytes(os.path.join(out_dir, WEIGHTS),
                flax.serialization.msgpack_serialize(host))
-  tmp = os.path.join(out_dir, TEXT_FEATURES + ".tmp.npy")
-  np.save(tmp, text)
-  os.replace(tmp, os.path.join(out_dir, TEXT_FEATURES))
+  with io_lib.atomic_path(os.path.join(out_dir, TEXT_FEATURES)) as tmp:
+    np.save(tmp, text)
   nbytes = quant.served_nbytes(host)
   sizes = {
       "weights_file": os.path.getsize(os.path.join(out_dir, WEIGHTS)),
@@ -192,8 +182,7 @@ def export_artifact(
       "logit_scale": float(logit_scale),
       "bytes": sizes,
   }
-  metrics_lib.atomic_write_text(os.path.join(out_dir, MANIFEST),
-                                json.dumps(manifest, indent=2))
+  io_lib.atomic_write_json(os.path.join(out_dir, MANIFEST), manifest)
   return manifest
 
 
@@ -201,42 +190,31 @@ def export_from_student(
     out_dir: str,
     *,
     meta: Mapping[str, Any],
-    params: Any,
-    calibration_batches: Sequence[Any],
+    variables: Mapping[str, Any],
     text_features: Any,
     class_names: Sequence[str],
     **kwargs,
 ) -> dict[str, Any]:
-  """Static-calibrates, converts and exports fp32 `params` of a student.
+  """Converts a static-calibrated student to int8 and exports it.
 
   Args:
     out_dir: artefact folder.
     meta: student.json dict.
-    params: trained fp32 params (e.g. of a qat_contrastive workdir).
-    calibration_batches: normalised (N, S, S, 3) batches [non-RGB; RGB]
-      (`eval.quantized.calibration_inputs`).
+    variables: {'params', 'quant_stats'} of the static-calibrated student
+      (`edgevl.calibration.calibrated_variables`).
     text_features, class_names, **kwargs: as in `export_artifact`.
   """
-  if not calibration_batches:
-    raise ValueError("calibration_batches is empty; pass at least one batch "
-                     "of normalised images (both modalities).")
+  if quant.QUANT_STATS not in variables:
+    raise ValueError("export_from_student needs calibrated variables (a "
+                     f"'{quant.QUANT_STATS}' collection); calibrate first.")
   spec = quant.int8(calibration="static")
-  m_cal = artefacts.build_student(meta, spec.replace(phase="calibrate"))
-  variables = quant.calibrate(m_cal.apply, {"params": params},
-                              calibration_batches)
-  m_cvt = artefacts.build_student(meta, spec.replace(phase="convert"))
-  served = quant.convert(m_cvt.apply, variables,
-                         jnp.asarray(calibration_batches[0][:1]))
+  m_cvt = handoff.build_student(meta, spec.replace(phase="convert"))
+  size = int(meta["image_size"])
+  served = quant.convert(m_cvt.apply, dict(variables),
+                         jnp.zeros((1, size, size, 3), jnp.float32))
   return export_artifact(out_dir, meta=meta, served=served,
                          text_features=text_features, class_names=class_names,
                          **kwargs)
-
-
-def export_from_workdir(workdir: str, out_dir: str, **kwargs
-                        ) -> dict[str, Any]:
-  """`export_from_student` on the student of a qat_contrastive workdir."""
-  _, params, meta = artefacts.load_student(workdir)
-  return export_from_student(out_dir, meta=meta, params=params, **kwargs)
 
 
 class Artifact:
@@ -306,7 +284,7 @@ def load_artifact(path: str) -> Artifact:
         f"{path!r} is not an edgevl_jax artefact (no {MANIFEST}); pass the "
         "folder written by edgevl_jax.export.artifact.export_artifact.")
   fix = "re-export the artefact"
-  manifest = jsonio.read_json(manifest_file, fix=fix, required=("format",))
+  manifest = io_lib.read_json(manifest_file, fix=fix, required=("format",))
   if manifest.get("format") != FORMAT:
     raise ValueError(f"{manifest_file} has format {manifest.get('format')!r}, "
                      f"expected {FORMAT!r}; re-export the artefact.")

@@ -1,4 +1,4 @@
-"""Trainer 'cka': teacher-stage x student-stage CKA heat maps of a dataset.
+"""Job 'cka_report': teacher-stage x student-stage CKA heat maps of a dataset.
 
     python -m edgevl_jax.main --config=configs/cka.py:teacher=T,student=S \
         --workdir=DIR
@@ -10,28 +10,18 @@ modality. The teacher always sees the same images as the student: RGB for
 'rgb', the 3-channel non-RGB image for 'depth' (or 'swir'), which is how the
 divergence of the RGB-trained teacher on other modalities shows up.
 
-Config keys:
-  teacher: HF CLIP folder or clip_pretrain workdir; '' builds a random CLIP
-    from teacher_model (clip_pretrain's `model` keys) for quick checks.
-  teacher_normalization: 'clip' | 'imagenet'.
-  student: a dual_modality_kd / qat_contrastive workdir (student.json), or
-    '' for a random student from student_model.{name, overrides,
-    normalization}.
-  dataset, data_dir, data_config, split, image_size, modalities (list of
-  'rgb' and/or the dataset's non-RGB name), batch_size, num_minibatches
-  (batch_size / num_minibatches examples each, >= 4), max_examples (0: all),
-  kernel, sigma, teacher_blocks (None: OFA-KD's four), pooled, seed.
+(Named 'cka' before; the old name still works.)
 Writes DIR/cka.json ({modality: matrix dict}), DIR/cka_<modality>.png,
-DIR/metrics.jsonl, DIR/report.json (cka.<modality>.{matrix, mean,
-max}, num_examples, seconds).
+DIR/metrics.jsonl, DIR/report.json (cka.<modality>.{matrix, mean, max},
+num_examples, seconds).
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any
 
+import flax.linen as nn
 import jax
 import numpy as np
 
@@ -39,22 +29,60 @@ from edgevl_jax import data as data_lib
 from edgevl_jax.analysis import cka as cka_lib
 from edgevl_jax.analysis import features
 from edgevl_jax.analysis import heatmap
-from edgevl_jax.train import config_utils
-from edgevl_jax.train import mesh as mesh_lib
-from edgevl_jax.train import metrics as metrics_lib
+from edgevl_jax.edgevl import checks
+from edgevl_jax.edgevl import clip_teacher
+from edgevl_jax.edgevl import handoff
+from edgevl_jax.models import clip
+from edgevl_jax.models import students
+from edgevl_jax.run import config as config_lib
+from edgevl_jax.run import mesh as mesh_lib
+from edgevl_jax.run import metrics as metrics_lib
+from edgevl_jax.run import runner
+from edgevl_jax.utils import io
 
 CKA_FILE = "cka.json"
+f = config_lib.field
 
 
-def validate_config(config: Any) -> None:
+def defaults() -> config_lib.Schema:
+  return {
+      "dataset": f("synthetic_rgbd", "EdgeVL paired dataset"),
+      "data_dir": f("workdirs/tfds", "TFDS data folder"),
+      "data_config": f("", "builder config / local source folder"),
+      "split": f("test", "split to stream"),
+      "image_size": f(32, "input side S"),
+      "modalities": f(("rgb", "depth"), "'rgb' and/or the non-RGB name"),
+      "teacher": f("", "HF CLIP folder or clip_pretrain workdir ('' = a "
+                   "random CLIP from teacher_model)"),
+      "teacher_normalization": f("clip", "teacher input normalisation"),
+      "teacher_model": clip_teacher.MODEL_SCHEMA,
+      "student": f("", "student workdir ('' = random from student_model)"),
+      "student_model": {"name": f("resnet18", "backbone of the random "
+                                  "student"),
+                        "normalization": f("imagenet", "its normalisation"),
+                        "embed_dim": f(None, "head size (None: pooled)",
+                                       int),
+                        "overrides": f({}, "backbone fields")},
+      "batch_size": f(256, "examples per CKA update"),
+      "num_minibatches": f(8, "minibatches per update (>= 4 examples each)"),
+      "max_examples": f(0, "stop after this many examples (0: all)"),
+      "kernel": f("linear", f"one of {cka_lib.KERNELS}"),
+      "sigma": f(None, "RBF bandwidth (None: median heuristic)", float),
+      "teacher_blocks": f(None, "teacher blocks (None: OFA-KD's four)",
+                          tuple),
+      "pooled": f(False, "pooled features instead of token maps"),
+  }
+
+
+
+def validate(config: Any) -> None:
   """Names the bad key before any compute."""
-  for key in ("dataset", "data_dir", "split"):
-    config_utils.require(config, key, types=str)
-  config_utils.require(config, "kernel", allowed=cka_lib.KERNELS)
-  config_utils.require(config, "teacher_normalization",
-                       allowed=("clip", "imagenet"))
+  checks.dataset(config)
+  checks.seed(config)
+  config_lib.require(config, "kernel", allowed=cka_lib.KERNELS)
+  checks.normalization(config, "teacher_normalization")
   for key in ("batch_size", "num_minibatches", "image_size"):
-    config_utils.require_positive(config, key, integer=True)
+    config_lib.require_positive(config, key, integer=True)
   if config.batch_size % config.num_minibatches or (
       config.batch_size // config.num_minibatches < 4):
     raise ValueError(
@@ -68,25 +96,23 @@ def validate_config(config: Any) -> None:
     raise ValueError(f"config.modalities must list 'rgb' and/or "
                      f"{info.other_modality!r} for {config.dataset}; found "
                      f"{modalities}.")
-  if not config.teacher:
-    config_utils.require(config, "teacher_model.vision_width")
-  if not config.student:
-    config_utils.require(config, "student_model.name")
-    config_utils.require(config, "student_model.normalization",
-                         allowed=("clip", "imagenet"))
+  if config.teacher:
+    checks.teacher_folder(config, tokenizer=False)
+  if config.student:
+    checks.student_folder(config, "student")
+  else:
+    config_lib.require(config, "student_model.name", allowed=students.NAMES)
+    checks.normalization(config, "student_model.normalization")
 
 
 def load_teacher(config: Any) -> tuple[Any, dict[str, Any]]:
   """(model, variables) of the CLIP teacher (a folder or a random CLIP)."""
-  from edgevl_jax.models import clip  # pylint: disable=g-import-not-at-top
   if config.teacher:
-    from edgevl_jax.eval import artefacts  # pylint: disable=g-import-not-at-top
-    model, params = clip.load_pretrained(artefacts.teacher_dir(config.teacher))
+    model, params = clip.load_pretrained(handoff.teacher_dir(config.teacher))
   else:
-    from edgevl_jax.train import clip_pretrain  # pylint: disable=g-import-not-at-top
-    hf = clip_pretrain.build_hf_config(config.teacher_model,
-                                       image_size=config.image_size,
-                                       vocab_size=64)
+    hf = clip_teacher.build_hf_config(config.teacher_model,
+                                      image_size=config.image_size,
+                                      vocab_size=64)
     model = clip.CLIP(hf)
     params = clip.init_params(model, jax.random.key(config.seed))
   return model, {"params": params}
@@ -94,21 +120,17 @@ def load_teacher(config: Any) -> tuple[Any, dict[str, Any]]:
 
 def load_student(config: Any) -> tuple[Any, dict[str, Any], str]:
   """(model, variables, normalization) of the student."""
-  from edgevl_jax.models import students  # pylint: disable=g-import-not-at-top
   if config.student:
-    from edgevl_jax.eval import artefacts  # pylint: disable=g-import-not-at-top
-    model, params, meta = artefacts.load_student(config.student)
+    model, params, meta = handoff.load_student(config.student)
     variables = params if "params" in params else {"params": params}
     return model, variables, meta.get("normalization", "clip")
   sm = config.student_model
-  overrides = dict(sm.get("overrides") or {})
+  overrides = dict(sm.overrides)
   overrides.setdefault("image_size", config.image_size)
-  model = students.build(sm.name, embed_dim=sm.get("embed_dim", None),
-                         **overrides)
+  model = students.build(sm.name, embed_dim=sm.embed_dim, **overrides)
   shape = (1, config.image_size, config.image_size, 3)
   variables = jax.jit(model.init)(jax.random.key(config.seed + 1),
                                   np.zeros(shape, np.float32))
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
   return model, nn.unbox(variables), sm.normalization
 
 
@@ -139,29 +161,27 @@ def dataset_cka(teacher_fn: Any, student_fn: Any, loader: Any, *,
   return np.asarray(accumulator.result(state)), names[0], names[1], seen
 
 
-def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
+def run(config: Any, ctx: runner.Context) -> dict[str, Any]:
   """Writes the CKA heat maps of every modality; returns the report."""
-  validate_config(config)
   start = time.time()
-  os.makedirs(workdir, exist_ok=True)
+  workdir = ctx.workdir
   t_model, t_vars = load_teacher(config)
   s_model, s_vars, s_norm = load_student(config)
-  blocks = config.get("teacher_blocks", None)
-  pooled = bool(config.get("pooled", False))
+  blocks = config.teacher_blocks
   teacher_fn = features.feature_fn(
-      t_model, t_vars, kind="teacher", blocks=None if blocks is None else
-      list(blocks), normalization=config.teacher_normalization, pooled=pooled)
+      t_model, t_vars, kind="teacher",
+      blocks=None if blocks is None else list(blocks),
+      normalization=config.teacher_normalization, pooled=config.pooled)
   student_fn = features.feature_fn(s_model, s_vars, kind="student",
-                                   normalization=s_norm, pooled=pooled)
+                                   normalization=s_norm, pooled=config.pooled)
   source = data_lib.load_split(config.dataset, config.split,
                                data_dir=config.data_dir,
-                               config=config.get("data_config", None) or None)
+                               config=config.data_config or None)
   info = data_lib.get_info(config.dataset)
-  mesh = None
-  if config.num_minibatches % jax.device_count() == 0:
-    mesh = mesh_lib.make_mesh(config_utils.get(config, "mesh", None))
+  mesh = ctx.mesh if config.num_minibatches % jax.device_count() == 0 else (
+      None)
   accumulator = cka_lib.MinibatchCKA(kernel=config.kernel,
-                                     sigma=config.get("sigma", None))
+                                     sigma=config.sigma)
   results, report = {}, {"cka": {}}
   with metrics_lib.MetricWriter(workdir, tensorboard=False,
                                 progress=False) as writer:
@@ -174,7 +194,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
           teacher_fn, student_fn, loader, modality=modality,
           other_modality=info.other_modality, accumulator=accumulator,
           num_minibatches=config.num_minibatches,
-          max_examples=config.get("max_examples", 0), mesh=mesh)
+          max_examples=config.max_examples, mesh=mesh)
       results[modality] = heatmap.to_json(
           matrix, row_labels=t_names, col_labels=s_names, modality=modality,
           num_examples=n, kernel=config.kernel, split=config.split)
@@ -190,8 +210,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
       report["num_examples"] = n
       writer.write(step, {f"cka_mean/{modality}": summary["mean"],
                           "num_examples": n})
-  metrics_lib.atomic_write_text(os.path.join(workdir, CKA_FILE),
-                                json.dumps(results, indent=1))
+  if jax.process_index() == 0:
+    io.atomic_write_json(os.path.join(workdir, CKA_FILE), results, indent=1)
   report["seconds"] = time.time() - start
-  metrics_lib.write_report(workdir, report)
   return report

@@ -1,6 +1,6 @@
-"""Trainer 'distill_classifier': supervised KD with OFA-KD exit branches.
+"""Job 'distill_classifier': supervised KD with OFA-KD exit branches.
 
-Distils a trained classifier (the 'classifier' trainer's output) into a
+Distils a trained classifier (the classifier job's output) into a
 student classifier on a TFDS classification dataset:
 
   L = ce_weight * CE(student, y)
@@ -14,13 +14,8 @@ student's logits are evaluated. With `compare_without_ofa`, a second student
 is trained identically but with no branches (ofa.weight = 0), so the report
 shows what the branches add.
 
-Config keys: dataset, data_dir, teacher (a classifier model folder or a
-'classifier' workdir: its model_0 is used), student.{name, overrides},
-batch_size, num_epochs, optim, augment.{crop_padding, flip}, ce_weight,
-kd_weight, kd ('kl' | 'ofa'), kd_temperature, ofa.{stages, weight, gamma,
-temperature}, compare_without_ofa, seed, log_every, ckpt_every.
 Each variant trains in WORKDIR/<variant>/ (resumable). Report:
-accuracy.{teacher, student_ofa, student_kd (if compared)}.
+accuracy.{teacher, student_ofa, student_kd (if compared)}, num_test.
 """
 from __future__ import annotations
 
@@ -31,18 +26,42 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from edgevl_jax import classification as cls
 from edgevl_jax import losses
 from edgevl_jax.models import ofa_branches
 from edgevl_jax.models import students
-from edgevl_jax.train import checkpoint as checkpoint_lib
-from edgevl_jax.train import classifier
-from edgevl_jax.train import config_utils
-from edgevl_jax.train import loop
-from edgevl_jax.train import mesh as mesh_lib
-from edgevl_jax.train import metrics as metrics_lib
-from edgevl_jax.train import state as state_lib
+from edgevl_jax.run import config as config_lib
+from edgevl_jax.run import mesh as mesh_lib
+from edgevl_jax.run import optim as optim_lib
+from edgevl_jax.run import runner
+
+f = config_lib.field
+
+
+def defaults() -> config_lib.Schema:
+  return {
+      "dataset": f("sklearn_digits", "TFDS classification dataset"),
+      "data_dir": f("/tmp/tfds", "TFDS data folder"),
+      "teacher": f("", "a classifier model folder or classifier workdir "
+                   "(its model_0)"),
+      "student": cls.MODEL_SCHEMA,
+      "batch_size": f(64, "images per step"),
+      "num_epochs": f(10, "epochs per student"),
+      "optim": optim_lib.OPTIM_SCHEMA,
+      "augment": cls.AUGMENT_SCHEMA,
+      "ce_weight": f(1.0, "cross-entropy weight"),
+      "kd_weight": f(1.0, "KD weight"),
+      "kd": f("ofa", "'kl' (Hinton, T^2-scaled) or 'ofa'"),
+      "kd_temperature": f(4.0, "KL temperature"),
+      "ofa": {"stages": f((1, 2, 3), "student stages with a branch (1..4)"),
+              "weight": f(1.0, "branch loss weight"),
+              "gamma": f(1.5, "OFA target enhancement"),
+              "temperature": f(1.0, "OFA temperature")},
+      "compare_without_ofa": f(True, "also train a student without "
+                               "branches"),
+  }
+
 
 
 class StudentWithBranches(nn.Module):
@@ -67,35 +86,31 @@ class StudentWithBranches(nn.Module):
 def teacher_model_dir(path: str) -> str:
   """A classifier folder: `path` itself or `path`/model_0."""
   for candidate in (path, os.path.join(path, "model_0")):
-    if os.path.exists(os.path.join(candidate, classifier.MODEL_FILE)):
+    if os.path.exists(os.path.join(candidate, cls.MODEL_FILE)):
       return candidate
   raise ValueError(f"teacher={path!r} holds no trained classifier "
-                   f"({classifier.MODEL_FILE}); run the 'classifier' trainer "
-                   "first and pass its workdir or one model_<i> folder.")
+                   f"({cls.MODEL_FILE}); run the classifier job first and "
+                   "pass its workdir or one model_<i> folder.")
 
 
-def validate_config(config: Any) -> None:
+def validate(config: Any) -> None:
   """Names the bad key before any compute."""
-  for key in ("dataset", "data_dir", "teacher", "student.name"):
-    config_utils.require(config, key)
   for key in ("batch_size", "num_epochs"):
-    config_utils.require_positive(config, key, integer=True)
-  config_utils.require(config, "kd", allowed=("kl", "ofa"))
-  if config.student.name not in students.NAMES:
-    raise ValueError(f"config.student.name={config.student.name!r} is not a "
-                     f"student backbone; choose one of {students.NAMES}.")
+    config_lib.require_positive(config, key, integer=True)
+  config_lib.require(config, "kd", allowed=("kl", "ofa"))
+  config_lib.require(config, "student.name", allowed=students.NAMES)
   stages = list(config.ofa.stages)
   if any(s not in (1, 2, 3, 4) for s in stages):
     raise ValueError(f"config.ofa.stages must be 1-based stage indices in "
                      f"1..4; found {stages}.")
-  state_lib.validate_optim_config(config.optim)
+  optim_lib.validate_optim_config(config.optim)
+  if config.teacher and not config_lib.is_reference(config.teacher):
+    teacher_model_dir(config.teacher)
 
 
 def build_student(config: Any, num_classes: int, image_shape: tuple[int, ...],
                   with_branches: bool) -> StudentWithBranches:
-  overrides = dict(config_utils.get(config, "student.overrides", None) or {})
-  student = students.build(config.student.name, embed_dim=num_classes,
-                           **overrides)
+  student = cls.build_model(config.student, num_classes)
   if not with_branches or not list(config.ofa.stages):
     return StudentWithBranches(student)
   dummy = jnp.zeros((1,) + image_shape, jnp.float32)
@@ -128,25 +143,11 @@ def _losses(config: Any, logits, branch_logits, teacher_logits, labels):
                  "ofa_loss": ofa}
 
 
-def train_variant(config: Any, model: StudentWithBranches, teacher: Any,
-                  train: tuple, test: tuple, workdir: str,
-                  mesh: jax.sharding.Mesh) -> float:
-  """Trains one student in `workdir`; returns its test accuracy."""
-  t_model, t_vars = teacher
-  images, labels = train
-  batches = classifier.EpochBatches(
-      images, labels, batch_size=config.batch_size, seed=int(config.seed),
-      crop_padding=int(config_utils.get(config, "augment.crop_padding", 0)),
-      flip=bool(config_utils.get(config, "augment.flip", False)))
-  num_steps = batches.steps_per_epoch * config.num_epochs
-  tx = state_lib.make_optimizer(config.optim, num_steps)
-  dummy = jnp.zeros((1,) + images.shape[1:], jnp.float32)
-  state, state_sh = state_lib.create_train_state(
-      lambda k: model.init(k, dummy, mutable=["params", "batch_stats"]), tx,
-      jax.random.PRNGKey(int(config.seed)), mesh=mesh)
+def make_train_step(config: Any, model: StudentWithBranches, t_model: Any):
+  """(state, teacher_variables, batch) -> (state, metrics)."""
 
-  def train_step(state, batch):
-    x = classifier.normalize(batch["image"])
+  def train_step(state, t_vars, batch):
+    x = cls.normalize(batch["image"])
     teacher_logits = jax.lax.stop_gradient(t_model.apply(t_vars, x))
 
     def loss_fn(params):
@@ -163,43 +164,40 @@ def train_variant(config: Any, model: StudentWithBranches, teacher: Any,
         loss_fn, has_aux=True)(state.params)
     return state.apply_gradients(grads, model_state=dict(mutated)), metrics
 
-  step = mesh_lib.jit_sharded(
-      train_step, in_shardings=(state_sh, mesh_lib.batch_sharding(mesh)),
-      out_shardings=(state_sh, mesh_lib.replicated(mesh)), donate_argnums=0)
-  with checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                   max_to_keep=config.get("max_to_keep", checkpoint_lib.DEFAULT_MAX_TO_KEEP)) as ckpt, \
-      metrics_lib.MetricWriter(workdir, total_steps=num_steps,
-                               tensorboard=False) as writer:
-    state, _ = loop.fit(
-        state, step, batches, num_steps=num_steps, checkpointer=ckpt,
-        writer=writer, log_every=int(config_utils.get(config, "log_every", 50)),
-        ckpt_every=config_utils.get(config, "ckpt_every", None),
-        prepare_batch=functools.partial(mesh_lib.shard_batch, mesh=mesh))
-  predict = jax.jit(lambda x: model.apply(state.variables, x)[0])
-  return classifier.accuracy(classifier.evaluate(predict, *test), test[1])
+  return train_step
 
 
-def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
+def run(config: Any, ctx: runner.Context) -> dict[str, Any]:
   """Trains the OFA student (and the plain-KD one); returns accuracies."""
-  validate_config(config)
-  mesh = mesh_lib.make_mesh(config_utils.get(config, "mesh", None))
-  teacher = classifier.load_classifier(teacher_model_dir(config.teacher))
-  train = classifier.load_dataset(config.dataset, "train",
-                                  data_dir=config.data_dir)
-  test = classifier.load_dataset(config.dataset, "test",
-                                 data_dir=config.data_dir)
-  t_predict = jax.jit(lambda x: teacher[0].apply(teacher[1], x))
-  t_logits = classifier.evaluate(t_predict, *test)
+  t_model, t_vars = cls.load_classifier(teacher_model_dir(config.teacher))
+  train = cls.load_dataset(config.dataset, "train", data_dir=config.data_dir)
+  test = cls.load_dataset(config.dataset, "test", data_dir=config.data_dir)
+  t_logits = cls.predict_split(jax.jit(lambda x: t_model.apply(t_vars, x)),
+                               test[0])
   num_classes = int(t_logits.shape[-1])
-  report = {"accuracy": {"teacher": classifier.accuracy(t_logits, test[1])}}
+  report = {"accuracy": {"teacher": cls.accuracy(t_logits, test[1])}}
+  t_vars = jax.device_put(t_vars, mesh_lib.replicated(ctx.mesh))
   variants = [("student_ofa", True)]
-  if config.get("compare_without_ofa", False):
+  if config.compare_without_ofa:
     variants.append(("student_kd", False))
+  dummy = jnp.zeros((1,) + train[0].shape[1:], jnp.float32)
   for name, with_branches in variants:
     model = build_student(config, num_classes, train[0].shape[1:],
                           with_branches)
-    report["accuracy"][name] = train_variant(
-        config, model, teacher, train, test, os.path.join(workdir, name),
-        mesh)
+    batches = cls.EpochBatches(
+        *train, batch_size=config.batch_size, seed=config.seed,
+        crop_padding=config.augment.crop_padding, flip=config.augment.flip)
+    state, _ = ctx.train(runner.TrainSpec(
+        init=functools.partial(lambda m, k: m.init(
+            k, dummy, mutable=["params", "batch_stats"]), model),
+        step=make_train_step(config, model, t_model), batches=batches,
+        aux=(t_vars,), aux_shardings=(mesh_lib.replicated(ctx.mesh),),
+        num_steps=batches.steps_per_epoch * config.num_epochs,
+        steps_per_epoch=batches.steps_per_epoch, title=name),
+        workdir=os.path.join(ctx.workdir, name))
+    predict = jax.jit(lambda v, x, m=model: m.apply(v, x)[0])
+    report["accuracy"][name] = cls.accuracy(
+        cls.predict_split(functools.partial(predict, state.variables),
+                          test[0]), test[1])
   report["num_test"] = int(len(test[1]))
   return report

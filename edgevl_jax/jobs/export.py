@@ -1,85 +1,89 @@
-"""Trainer 'export_stage': the deployable EdgeVL artefact and its size.
+"""Job 'export': the deployable EdgeVL artefact and its size.
 
-Writes into WORKDIR/export/ the `edgevl_jax.export.artifact` folder:
-the `jax.export` program of the static-calibrated int8 student
-(weights.msgpack: int8 kernels + per-channel scales, frozen activation
-ranges, fp32 rest), text_features.npy ((num_classes, D) L2-normalised class
-prompts, so the device needs no text tower) and manifest.json (class names,
-input normalisation, sizes); plus student.json (the architecture).
-Sizes: the teacher's fp32 image tower, the fp32 student, the int8 student
-(stored bytes, `export.size.model_size`).
-
-Config keys: dataset, data_dir, data_config, teacher, student (workdir),
-pseudo_labels (calibration subset), image_size, calibration_batch_size,
-calibration_batches, crop_scale, seed, prompt_ensemble.
-Report: export_dir, model_bytes.{teacher_fp32, student_fp32, student_int8},
-compression.{fp32, int8} (teacher bytes / student bytes).
+Writes into WORKDIR/export/ the `edgevl_jax.export.artifact` folder: the
+`jax.export` program of the static-calibrated int8 student (weights.msgpack:
+int8 kernels + per-channel scales, frozen activation ranges, fp32 rest),
+text_features.npy ((num_classes, D) L2-normalised class prompts, so the
+device needs no text tower) and manifest.json (class names, input
+normalisation, sizes); plus student.json (the architecture). Sizes: the
+teacher's fp32 image tower, the fp32 student, the int8 student (stored
+bytes). (Named 'export_stage' before; the old name still works.)
+Report: export_dir, model_bytes.{teacher_fp32, student_fp32, student_int8,
+text_features}, compression.{fp32, int8}, export.{...}.
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
+import jax
 
-from edgevl_jax.eval import artefacts
-from edgevl_jax.eval import quantized
-from edgevl_jax.eval import splits
+from edgevl_jax.edgevl import calibration
+from edgevl_jax.edgevl import checks
+from edgevl_jax.edgevl import handoff
+from edgevl_jax.edgevl import splits
 from edgevl_jax.export import artifact
 from edgevl_jax.export import size as size_lib
 from edgevl_jax.models import clip_convert
-from edgevl_jax.train import checks
-from edgevl_jax.train import config_utils
-from edgevl_jax.train import dual_modality_kd as kd
-from edgevl_jax.train import metrics as metrics_lib
+from edgevl_jax.run import config as config_lib
+from edgevl_jax.run import metrics as metrics_lib
+from edgevl_jax.run import runner
+from edgevl_jax.utils import io
 
 EXPORT_DIR = "export"
+f = config_lib.field
 
 
-def validate_config(config: Any) -> None:
+def defaults() -> config_lib.Schema:
+  return {
+      "dataset": f("synthetic_rgbd", "EdgeVL paired dataset"),
+      "data_dir": f("workdirs/tfds", "TFDS data folder"),
+      "data_config": f("", "builder config / local source folder"),
+      "teacher": f("", "HF CLIP folder or a clip_pretrain workdir"),
+      "student": f("", "the student workdir to export"),
+      "pseudo_labels": f("", "pseudo_labels workdir (calibration subset)"),
+      "image_size": f(224, "input side S"),
+      "prompt_ensemble": f(False, "all prompt templates instead of the "
+                           "first"),
+      **calibration.SCHEMA,
+  }
+
+
+
+def validate(config: Any) -> None:
   """Names the bad key before any compute."""
-  for key in ("dataset", "data_dir", "teacher", "student"):
-    config_utils.require(config, key, types=str)
-  for key in ("image_size", "calibration_batch_size", "calibration_batches"):
-    config_utils.require_positive(config, key, integer=True)
-  checks.dataset(config)
-  checks.seed(config)
+  checks.common_edgevl(config)
+  checks.positive_ints(config, "calibration_batch_size",
+                       "calibration_batches")
   checks.teacher_folder(config)
   checks.student_folder(config, "student")
   checks.student_fits_teacher(config, "student")
 
 
-def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
-  """Calibrates, converts and writes the int8 student + text features."""
-  validate_config(config)
-  out = os.path.join(workdir, EXPORT_DIR)
+def run(config: Any, ctx: runner.Context) -> dict[str, Any]:
+  """Converts the calibrated student to int8; writes it + text features."""
+  out = os.path.join(ctx.workdir, EXPORT_DIR)
   os.makedirs(out, exist_ok=True)
   train_src = splits.load_source(config, "train")
   info = train_src.info
-  teacher_folder = artefacts.teacher_dir(config.teacher)
-  teacher, t_params, tokenizer = artefacts.load_teacher(teacher_folder)
-  templates = (info.prompt_templates if config.get("prompt_ensemble", False)
+  teacher_folder = handoff.teacher_dir(config.teacher)
+  teacher, t_params, tokenizer = handoff.load_teacher(teacher_folder)
+  templates = (info.prompt_templates if config.prompt_ensemble
                else info.prompt_templates[:1])
-  text = artefacts.text_features(teacher, t_params, tokenizer,
-                                 info.class_names, templates)
-  _, params, meta = artefacts.load_student(config.student)
-  indices, _ = kd.curated_subset(config)
-  calib = quantized.calibration_inputs(
-      train_src, normalization=meta["normalization"],
-      image_size=config.image_size, batch_size=config.calibration_batch_size,
-      num_batches=config.calibration_batches, seed=config.seed,
-      indices=indices, crop_scale=tuple(config.crop_scale))
+  text = handoff.text_features(teacher, t_params, tokenizer,
+                               info.class_names, templates)
+  meta, variables, params = calibration.calibrate_student(
+      config, config.student, train_src, ctx.cache)
   teacher_bytes = size_lib.teacher_image_tower_size(
       clip_convert.load_config(teacher_folder))["bytes_fp32"]
   manifest = artifact.export_from_student(
-      out, meta=meta, params=params, calibration_batches=calib,
-      text_features=text, class_names=list(info.class_names),
-      teacher_bytes=int(teacher_bytes))
+      out, meta=meta, variables=variables, text_features=text,
+      class_names=list(info.class_names), teacher_bytes=int(teacher_bytes))
   student_fp32 = size_lib.model_size({"params": params})["bytes"]
   student_int8 = int(manifest["bytes"]["student_int8"])
-  metrics_lib.atomic_write_text(
-      os.path.join(workdir, "student.json"),
-      json.dumps({**meta, "quant": "int8_static"}, indent=2))
+  if jax.process_index() == 0:
+    io.atomic_write_json(os.path.join(ctx.workdir, handoff.STUDENT_FILE),
+                         {**meta, "quant": "int8_static"})
   report = {
       "export_dir": EXPORT_DIR,
       "model_bytes": {"teacher_fp32": int(teacher_bytes),
@@ -93,7 +97,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
                  "batch_sizes": manifest["batch_sizes"],
                  "files": sorted(os.listdir(out))},
   }
-  with metrics_lib.MetricWriter(workdir, tensorboard=False,
+  with metrics_lib.MetricWriter(ctx.workdir, tensorboard=False,
                                 progress=False) as writer:
     writer.write(0, {"model_bytes/" + k: v
                      for k, v in report["model_bytes"].items()})

@@ -1,11 +1,14 @@
-"""Trainer 'pipeline': runs a sequence of stages, each its own trainer.
+"""Job 'pipeline': runs a sequence of stages, each its own job.
 
 Config:
   config.trainer = 'pipeline'
   config.stages = [stage, ...]   # list of ConfigDicts
   config.stop_after = ''         # optional: run stages up to this name
   each stage: name (unique, [A-Za-z0-9_-]), trainer, + its own keys.
-  CLI override of a stage key: --config.stages[1].num_steps=100
+  CLI override of a stage key: --config.stages[1].num_steps=100, or by
+  name: --config.stages.dual_modality_kd.num_steps=100.
+  Top-level keys (seed, the run keys, shared data keys) flow into every
+  stage that does not set them (`registry.pipeline_config`).
 
 Stage i runs in DIR/<i>_<name>/ exactly as `main` would run it there (its
 metrics.jsonl, checkpoints, report.json). A stage whose folder already has
@@ -18,7 +21,7 @@ Passing outputs forward: any string value in a stage config of the form
 is replaced before the stage runs (e.g. init_from='@dual_modality_kd/workdir').
 References must name an earlier stage. All stages are validated before the
 first one runs; validators skip only the checks of values that are still
-references (`config_utils.is_reference`), which are checked once resolved.
+references (`config_lib.is_reference`), which are checked once resolved.
 
 Paths: a report value whose key ends in `_path` or `_dir` is a path relative
 to the folder of that report.json, so a moved or copied workdir resumes and
@@ -54,16 +57,22 @@ from typing import Any, Mapping
 
 import ml_collections
 
-from edgevl_jax.train import config_utils
-from edgevl_jax.train import metrics as metrics_lib
-from edgevl_jax.train import registry
+from edgevl_jax.run import config as config_lib
+from edgevl_jax.run import metrics as metrics_lib
+from edgevl_jax.run import registry
+from edgevl_jax.run import runner
+from edgevl_jax.utils import io
 
 TIMING_FILE = 'stage_seconds.json'
 RESOLVED_FILE = 'resolved_config.json'
 _NAME = re.compile(r'^[A-Za-z0-9_-]+$')
-# Keys that may change between a run and its resumption (cadence, display).
-RESUME_SAFE_KEYS = ('log_every', 'ckpt_every', 'ckpt_every_minutes',
-                    'eval_every', 'progress', 'max_to_keep', 'tensorboard')
+f = config_lib.field
+
+
+def defaults() -> config_lib.Schema:
+  return {'stages': f(None, 'the stage configs, in order', list),
+          'stop_after': f('', 'run the stages up to this name only')}
+
 
 
 def _stages(config: Any) -> list[Any]:
@@ -88,8 +97,8 @@ def stage_dir(workdir: str, index: int, name: str) -> str:
   return os.path.join(workdir, f'{index}_{name}')
 
 
-def validate_config(config: Any) -> None:
-  """Checks names, trainers and references of every stage; no compute."""
+def validate(config: Any) -> None:
+  """Checks names, jobs and references of every stage; no compute."""
   seen: list[str] = []
   for i, stage in enumerate(_stages(config)):
     name = stage.get('name')
@@ -108,15 +117,17 @@ def validate_config(config: Any) -> None:
             f'config.stages[{i}].{key}={ref!r} refers to stage {target!r}, '
             f'which is not an earlier stage (earlier: {seen}).')
     try:
-      registry.validate(stage)
+      job = registry.get_job(stage.trainer)
+      if hasattr(job, 'validate'):
+        job.validate(stage)
     except ValueError as e:
       raise ValueError(f'config.stages[{i}] ({name}): {e}') from e
     seen.append(name)
 
 
 def _references(stage: Any) -> list[tuple[str, str]]:
-  flat = config_utils.flatten(config_utils.to_dict(stage))
-  return [(k, v) for k, v in flat.items() if config_utils.is_reference(v)]
+  flat = config_lib.flatten(config_lib.to_dict(stage))
+  return [(k, v) for k, v in flat.items() if config_lib.is_reference(v)]
 
 
 def is_path_key(key: str) -> bool:
@@ -161,7 +172,7 @@ def resolve(stage: Any, outputs: Mapping[str, tuple[str, dict[str, Any]]]
         return os.path.normpath(os.path.join(workdir, found))
       return found
     return value
-  resolved = ml_collections.ConfigDict(sub(config_utils.to_dict(stage)))
+  resolved = ml_collections.ConfigDict(sub(config_lib.to_dict(stage)))
   resolved.lock()
   return resolved
 
@@ -182,9 +193,9 @@ def _changed(stage: Any, sdir: str) -> list[str]:
   path = os.path.join(sdir, 'config.json')
   if not os.path.exists(path):
     return []
-  saved = metrics_lib.read_json(path, fix=f'delete {sdir} to re-run the stage')
-  return [k for k in config_utils.diff_keys(saved, config_utils.to_dict(stage))
-          if k.rsplit('.', 1)[-1] not in RESUME_SAFE_KEYS]
+  saved = io.read_json(path, fix=f'delete {sdir} to re-run the stage')
+  return [k for k in config_lib.diff_keys(saved, config_lib.to_dict(stage), ignore_added=True)
+          if k.rsplit('.', 1)[-1] not in config_lib.RESUME_SAFE_KEYS]
 
 
 def stages_to_rerun(config: Any, workdir: str) -> dict[str, list[str]]:
@@ -212,9 +223,9 @@ def _set_aside(sdir: str) -> str:
   return target
 
 
-def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
+def run(config: Any, ctx: runner.Context) -> dict[str, Any]:
   """Runs (or skips finished) stages in order; returns the merged report."""
-  validate_config(config)
+  workdir = ctx.workdir
   main_process = metrics_lib.is_main_process()
   redo = stages_to_rerun(config, workdir)
   for i, stage in enumerate(_stages(config)):
@@ -238,28 +249,24 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
                    name, sdir)
       secs = 0.0
       if os.path.exists(timing_path):
-        secs = float(metrics_lib.read_json(
+        secs = float(io.read_json(
             timing_path, fix='delete it (it only records seconds)')['seconds'])
     else:
-      logging.info('pipeline: stage %d (%s, trainer %s) in %s', i, name,
+      logging.info('pipeline: stage %d (%s, job %s) in %s', i, name,
                    stage.trainer, sdir)
-      resolved = resolve(stage, outputs)
-      module = registry.validate(resolved)
+      job, resolved = registry.validate(resolve(stage, outputs))
       if main_process:
         os.makedirs(sdir, exist_ok=True)
-        for file, cfg in (('config.json', stage), (RESOLVED_FILE, resolved)):
-          metrics_lib.atomic_write_text(
-              os.path.join(sdir, file),
-              json.dumps(config_utils.to_dict(cfg), indent=2, sort_keys=True))
+        io.atomic_write_json(os.path.join(sdir, 'config.json'),
+                             config_lib.to_dict(stage))
+        io.atomic_write_json(os.path.join(sdir, RESOLVED_FILE),
+                             config_lib.to_dict(resolved))
       start = time.perf_counter()
-      # JSON types, as a skipped stage's report read back from disk has.
-      report = metrics_lib.jsonable(
-          dict(module.train_and_evaluate(resolved, sdir)))
+      report = runner.execute(job, ctx.child(sdir, resolved))
       secs = time.perf_counter() - start
       if main_process:
         # Timing first, report last: report.json marks the stage as done.
-        metrics_lib.atomic_write_text(timing_path,
-                                      json.dumps({'seconds': secs}))
+        io.atomic_write_json(timing_path, {'seconds': secs})
       metrics_lib.write_report(sdir, report)
     with metrics_lib.MetricWriter(workdir, tensorboard=False,
                                   progress=False) as writer:

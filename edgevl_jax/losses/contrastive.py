@@ -205,3 +205,24 @@ def online_semi_hard_triplet_loss(
   hinge = jnp.maximum(d_p[:, None] - d + margin, 0.0)
   maskf = mask.astype(jnp.float32)
   return jnp.sum(hinge * maskf) / jnp.maximum(jnp.sum(maskf), 1.0)
+
+
+def dual_modality_triplet_loss(*, embeddings: jax.Array, mask: jax.Array,
+                               margin: float) -> jax.Array:
+  """EdgeVL stage 2: the triplet margin loss within each modality, summed.
+
+  Args:
+    embeddings: (M, B, 2 + K, D): M modalities of B groups (anchor,
+      positive, K negatives), mined once for both modalities.
+    mask: (B, 2 + K) validity of each group member.
+    margin: triplet margin.
+
+  Returns:
+    Scalar: sum over the M modalities of `triplet_margin_loss`.
+  """
+  total = 0.0
+  for e in embeddings:
+    total = total + triplet_margin_loss(
+        anchor=e[:, 0], positive=e[:, 1], negatives=e[:, 2:],
+        negative_mask=mask[:, 2:] & mask[:, :1] & mask[:, 1:2], margin=margin)
+  return total

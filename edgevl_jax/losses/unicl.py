@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 
 
 def unicl_loss(*, logits_per_image: jax.Array,
@@ -45,3 +46,19 @@ def unicl_loss(*, logits_per_image: jax.Array,
                              axis=1))
 
   return 0.5 * (ce(logits_per_image) + ce(logits_per_image.T))
+
+
+def clip_loss(*, logits_per_image: jax.Array) -> jax.Array:
+  """CLIP's symmetric InfoNCE over a batch (the diagonal is the match).
+
+  Args:
+    logits_per_image: (B, B) scaled image-text similarities, row i = image
+      i against every text.
+
+  Returns:
+    Scalar: mean of the image->text and text->image cross-entropies.
+  """
+  labels = jnp.arange(logits_per_image.shape[0])
+  ce = optax.softmax_cross_entropy_with_integer_labels
+  return 0.5 * (ce(logits_per_image, labels).mean()
+                + ce(logits_per_image.T, labels).mean())

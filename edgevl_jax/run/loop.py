@@ -4,11 +4,17 @@
                               checkpointer=ckpt, writer=writer,
                               log_every=50, ckpt_every=200)
 
-`train_step(state, batch) -> (state, metrics)` is the trainer's jitted step
+`train_step(state, batch) -> (state, metrics)` is the job's jitted step
 (see `mesh.jit_sharded`); it draws its randomness from `state.step_key()`,
 so a resumed run is bit-identical to an uninterrupted one. `metrics` is a
 dict of scalars kept on device: the loop fetches them only every
 `log_every` steps and before each checkpoint (no per-step host sync).
+
+Checkpoints come every `ckpt_every` steps, every `ckpt_every_minutes` of
+wall time, at the end and on SIGTERM. None of them closes a log window: the
+open window's per-step values travel in the checkpoint (with the summary
+and the last evaluated step), so a run resumed from any checkpoint logs
+exactly the lines an uninterrupted run logs.
 
 Step numbers: `step` in metrics.jsonl and in checkpoint names is the number
 of updates done, so the first update logs step 1.
@@ -20,6 +26,7 @@ are all from earlier, finite steps (nothing is written for the bad window).
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import signal
 import threading
@@ -30,8 +37,8 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
-from edgevl_jax.train import checkpoint as checkpoint_lib
-from edgevl_jax.train import metrics as metrics_lib
+from edgevl_jax.run import checkpoint as checkpoint_lib
+from edgevl_jax.run import metrics as metrics_lib
 
 # Checkpoint extras written by `fit`.
 SUMMARY, PENDING, LAST_EVAL = 'summary', 'pending_metrics', 'last_eval'
@@ -122,12 +129,13 @@ def check_finite(metrics: Mapping[str, Any],
 
 def fit(state: Any,
         train_step: Callable[[Any, Any], tuple[Any, Mapping[str, jax.Array]]],
-        batches: Iterator[Any], *,
+        batches: Iterator[Any] | None, *,
         num_steps: int,
         checkpointer: checkpoint_lib.Checkpointer | None = None,
         writer: metrics_lib.MetricWriter | None = None,
         log_every: int = 50,
         ckpt_every: int | None = None,
+        ckpt_every_minutes: float = 0.0,
         eval_fn: Callable[[Any], Mapping[str, Any]] | None = None,
         eval_every: int | None = None,
         data_iterator: Any = None,
@@ -144,12 +152,14 @@ def fit(state: Any,
       when `resume` and one exists.
     train_step: (state, batch) -> (state, metrics dict of device scalars).
     batches: iterator of host batches, consumed one per step (no lookahead,
-      so the saved iterator position matches the saved step).
+      so the saved iterator position matches the saved step); None when
+      the step makes its own data (it then gets batch None).
     num_steps: total number of updates of the whole run.
     checkpointer: saves every `ckpt_every` steps and at the end.
     writer: metrics sink (metrics.jsonl, TensorBoard, progress bar).
     log_every: steps between metric fetches (means over the window).
-    ckpt_every: steps between checkpoints (None: only the final one).
+    ckpt_every: steps between checkpoints (None/0: no step cadence).
+    ckpt_every_minutes: wall minutes between checkpoints (0: off).
     eval_fn: state -> dict of metrics, run every `eval_every` steps and at
       the end; logged with an 'eval/' prefix.
     eval_every: steps between evaluations (None: only at the end).
@@ -174,6 +184,8 @@ def fit(state: Any,
     NonFiniteError: on a NaN/Inf guarded metric (see module doc).
     Preempted: after saving, when SIGTERM arrived (`handle_preemption`).
   """
+  if batches is None:  # the step makes its own data (data-free KD)
+    batches = itertools.repeat(None)
   if data_iterator is None and hasattr(batches, 'get_state'):
     data_iterator = batches
   summary: dict[str, Any] = {}
@@ -228,14 +240,17 @@ def fit(state: Any,
                                        if 'loss' in k})
     pending, window_start, window_steps = [], time.perf_counter(), 0
 
-  def save(window: list[tuple[int, Mapping[str, Any]]] = ()) -> None:
+  def save() -> None:
     """Checkpoints `state`, with what a resumed run needs to log alike."""
+    nonlocal last_save, last_save_time
+    window = list(zip([s for s, _ in pending], fetch_and_guard()))
     checkpointer.save(state, step=step, data_iterator=data_iterator, extras={
         SUMMARY: metrics_lib.jsonable(summary),
         PENDING: [[s, metrics_lib.jsonable(m)] for s, m in window],
         LAST_EVAL: last_eval})
+    last_save, last_save_time = step, time.monotonic()
 
-  last_save = step
+  last_save, last_save_time = step, time.monotonic()
 
   def evaluate() -> None:
     nonlocal last_eval
@@ -257,24 +272,21 @@ def fit(state: Any,
       step += 1
       window_steps += 1
       pending.append((step, step_metrics))
-      save_now = checkpointer is not None and (
-          step == num_steps or (ckpt_every and step % ckpt_every == 0))
-      if step % log_every == 0 or save_now or step == num_steps:
+      if step % log_every == 0 or step == num_steps:
         flush()
       elif writer is not None:
         writer.progress(step)
       if eval_fn is not None and eval_every and step % eval_every == 0:
         evaluate()
-      if save_now:
+      if checkpointer is not None and step < num_steps and (
+          (ckpt_every and step % ckpt_every == 0) or (
+              ckpt_every_minutes > 0 and time.monotonic() - last_save_time
+              >= 60.0 * ckpt_every_minutes)):
         save()
-        last_save = step
       if preemption.reached(step):
         if checkpointer is not None:
-          # The open log window travels in the checkpoint, so the resumed
-          # run logs the same window means as an uninterrupted one.
-          window = list(zip([s for s, _ in pending], fetch_and_guard()))
           if last_save != step:
-            save(window)
+            save()
           checkpointer.wait()
         else:
           flush()

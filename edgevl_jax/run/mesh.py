@@ -29,6 +29,9 @@ from edgevl_jax.models import layers
 
 AXES = ('data', 'fsdp')
 BATCH_AXES = ('data', 'fsdp')
+# Every weight axis replicated; only the batch is split (small students).
+REPLICATED_RULES = tuple((name, None) for name, _ in layers.LOGICAL_AXIS_RULES
+                         if name != layers.BATCH) + ((layers.BATCH, BATCH_AXES),)
 
 
 def _axis_sizes(mesh_config: Any, n: int) -> tuple[int, ...]:

@@ -1,4 +1,4 @@
-"""Run outputs: metrics.jsonl, TensorBoard events, progress bar, report, plots.
+"""Run outputs: metrics.jsonl, TensorBoard events, progress bar, report.
 
 Only process 0 writes files. `metrics.jsonl` gets one JSON object per line,
 always with `step`; after a resume, steps between the last checkpoint and
@@ -11,11 +11,14 @@ import json
 import logging
 import math
 import os
-import tempfile
 from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
+import tensorboardX
+import tqdm
+
+from edgevl_jax.utils import io
 
 METRICS_FILE = 'metrics.jsonl'
 REPORT_FILE = 'report.json'
@@ -68,10 +71,8 @@ class MetricWriter:
     repair_torn_jsonl(path)
     self._file = open(path, 'a')
     if tensorboard:
-      import tensorboardX  # pylint: disable=g-import-not-at-top
       self._tb = tensorboardX.SummaryWriter(os.path.join(self.workdir, 'tb'))
     if progress and total_steps:
-      import tqdm  # pylint: disable=g-import-not-at-top
       self._bar = tqdm.tqdm(total=total_steps, initial=initial_step,
                             dynamic_ncols=True, desc='train', leave=True)
 
@@ -137,32 +138,12 @@ def repair_torn_jsonl(path: str | os.PathLike) -> int:
   return removed
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-  """Writes `text` to a temporary file in the same folder, then renames it."""
-  path = os.fspath(path)
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp-',
-                             suffix=os.path.basename(path))
-  try:
-    with os.fdopen(fd, 'w') as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def write_report(workdir: str | os.PathLike, report: Mapping[str, Any]
                  ) -> str:
   """Atomically writes DIR/report.json (process 0); returns its path."""
   path = os.path.join(os.fspath(workdir), REPORT_FILE)
   if is_main_process():
-    atomic_write_text(path, json.dumps(jsonable(dict(report)), indent=2,
-                                       sort_keys=True) + '\n')
+    io.atomic_write_json(path, jsonable(dict(report)))
   return path
 
 
@@ -171,17 +152,7 @@ def read_report(workdir: str | os.PathLike) -> dict[str, Any] | None:
   path = os.path.join(os.fspath(workdir), REPORT_FILE)
   if not os.path.exists(path):
     return None
-  return read_json(path, fix='delete it to re-run that step')
-
-
-def read_json(path: str | os.PathLike, *, fix: str) -> Any:
-  """json.load of `path`; ValueError naming the file and `fix` if garbled."""
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f'{os.fspath(path)} is not valid JSON ({e}); {fix}.'
-                     ) from e
+  return io.read_json(path, fix='delete it to re-run that step')
 
 
 def read_jsonl(path: str | os.PathLike, dedupe: bool = True
@@ -210,79 +181,6 @@ def read_jsonl(path: str | os.PathLike, dedupe: bool = True
   for r in records:
     last[(r.get('step'), tuple(sorted(r)))] = r
   return sorted(last.values(), key=lambda r: r.get('step', 0))
-
-
-def plot_curves(metrics_jsonl: str | os.PathLike, out_png: str | os.PathLike,
-                keys: Sequence[str] | None = None, title: str | None = None
-                ) -> str:
-  """Plots numeric metrics against step (one panel per key) to a PNG.
-
-  Args:
-    metrics_jsonl: a metrics.jsonl file.
-    out_png: output path.
-    keys: metrics to plot (default: every key containing 'loss').
-    title: figure title.
-  """
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  records = read_jsonl(metrics_jsonl)
-  if keys is None:
-    keys = sorted({k for r in records for k in r if 'loss' in k})
-  if not keys:
-    raise ValueError(f'No metric to plot in {metrics_jsonl}; pass keys=.')
-  fig, axes = plt.subplots(len(keys), 1, figsize=(6, 2.5 * len(keys)),
-                           squeeze=False)
-  for ax, key in zip(axes[:, 0], keys):
-    pts = [(r['step'], r[key]) for r in records
-           if isinstance(r.get(key), (int, float))]
-    if pts:
-      ax.plot(*zip(*pts), lw=1.2)
-    ax.set_ylabel(key)
-    ax.grid(alpha=0.3)
-  axes[-1, 0].set_xlabel('step')
-  if title:
-    fig.suptitle(title)
-  fig.tight_layout()
-  fig.savefig(out_png, dpi=100)
-  plt.close(fig)
-  return os.fspath(out_png)
-
-
-def plot_accuracy_table(results: Mapping[str, Mapping[str, float]],
-                        out_png: str | os.PathLike, *,
-                        title: str = 'Zero-shot top-1 accuracy',
-                        ylabel: str = 'accuracy') -> str:
-  """Grouped bar chart of a nested {model/precision: {modality: acc}} dict.
-
-  E.g. results = {'teacher': {'rgb': .9, 'depth': .3},
-                  'student_int8_static': {'rgb': .8, 'depth': .7}}:
-  one group per modality, one bar per model, values printed on the bars.
-  """
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  models = list(results)
-  modalities = sorted({m for v in results.values() for m in v})
-  if not models or not modalities:
-    raise ValueError(f'plot_accuracy_table needs a non-empty nested dict, '
-                     f'found {results!r}.')
-  width = 0.8 / len(models)
-  fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(modalities) * len(models)
-                                  * 0.6, 3.5))
-  for i, model in enumerate(models):
-    xs = [j + i * width - 0.4 + width / 2 for j in range(len(modalities))]
-    ys = [float(results[model].get(m, float('nan'))) for m in modalities]
-    bars = ax.bar(xs, ys, width, label=model)
-    ax.bar_label(bars, fmt='%.2f', fontsize=7)
-  ax.set_xticks(range(len(modalities)), modalities)
-  ax.set_ylabel(ylabel)
-  ax.set_title(title)
-  ax.legend(fontsize=7, loc='best')
-  fig.tight_layout()
-  fig.savefig(out_png, dpi=100)
-  plt.close(fig)
-  return os.fspath(out_png)
 
 
 # Report keys with these suffixes hold paths relative to the report's folder.

@@ -1,0 +1,2 @@
+"""Data-free adversarial distillation (CDFKD-MFS): teachers, iteration,
+attention aggregation."""
