@@ -20,5 +20,5 @@ from edgevl_jax.data.pipeline import embed_loader
 from edgevl_jax.data.pipeline import paired_loader
 from edgevl_jax.data.pipeline import SubsetSource
 from edgevl_jax.data.pipeline import triplet_loader
+from edgevl_jax.data.records import PairedSource
 from edgevl_jax.data.sources import load_split
-from edgevl_jax.data.sources import PairedSource

@@ -25,7 +25,7 @@ import os
 import numpy as np
 
 from edgevl_jax.data import info as info_lib
-from edgevl_jax.data import sources
+from edgevl_jax.data import records
 
 TFDS_NAME = "eurosat/all"
 NUM_BANDS = 13
@@ -81,13 +81,13 @@ def split_positions(labels: np.ndarray, split: str,
   return np.sort(train[chosen])
 
 
-def load_split(split: str, *, data_dir: str) -> sources.PairedSource:
+def load_split(split: str, *, data_dir: str) -> records.PairedSource:
   """PairedSource of one EuroSAT split (module docstring), modality 'swir'."""
   info = info_lib.get_info("eurosat")
   if split not in SPLITS:
     raise ValueError(f"EuroSAT split {split!r} unknown; expected one of "
                      f"{SPLITS}.")
-  raw = sources.tfds_data_source(TFDS_NAME, "train", data_dir)
+  raw = records.tfds_data_source(TFDS_NAME, "train", data_dir)
   positions = split_positions(_labels(raw, data_dir), split, info)
-  return sources.PairedSource(raw, _convert, info=info, split=split,
+  return records.PairedSource(raw, _convert, info=info, split=split,
                               positions=positions)

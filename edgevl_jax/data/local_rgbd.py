@@ -33,7 +33,7 @@ import tensorflow_datasets as tfds
 
 from edgevl_jax.data import info as info_lib
 from edgevl_jax.data import local_layouts
-from edgevl_jax.data import sources
+from edgevl_jax.data import records
 from edgevl_jax.data import transforms
 from edgevl_jax.utils import jsonio
 
@@ -101,7 +101,7 @@ class LocalRgbdBuilder(tfds.core.GeneratorBasedBuilder):
 def _decode(raw, index: int, *, name: str = "", split: str = ""):
   rgb = np.asarray(Image.open(io.BytesIO(raw["rgb_file"])).convert("RGB"))
   depth = np.asarray(Image.open(io.BytesIO(raw["depth_file"])))
-  key = raw["key"].decode() if isinstance(raw["key"], bytes) else raw["key"]
+  key = records.decode_text(raw["key"])
   # Some exports save depth as 3 equal channels; different ones are refused.
   depth = transforms.single_channel(
       depth, "depth", where=f"{name}[{split}][{index}] record {key!r}")
@@ -185,26 +185,14 @@ def _prepare(b: LocalRgbdBuilder, name: str, source_dir: str) -> None:
   _write_record(b, record)
 
 
-def builder(name: str, data_dir: str) -> LocalRgbdBuilder:
-  """The TFDS builder of local dataset `name` writing under data_dir."""
-  from edgevl_jax.data.nyuv2 import nyuv2_dataset_builder as nyu  # pylint: disable=g-import-not-at-top
-  from edgevl_jax.data.scannet import scannet_dataset_builder as scn  # pylint: disable=g-import-not-at-top
-  from edgevl_jax.data.sun_rgbd import sun_rgbd_dataset_builder as sun  # pylint: disable=g-import-not-at-top
-  classes = {"scannet": scn.Builder, "sun_rgbd": sun.Builder,
-             "nyuv2": nyu.Builder}
-  if name not in classes:
-    raise ValueError(f"No local RGB-D builder {name!r}; expected one of "
-                     f"{sorted(classes)}.")
-  return classes[name](data_dir=data_dir, file_format="array_record")
-
-
-def load_split(name: str, split: str, *, data_dir: str,
-               source_dir: str | None = None,
-               on_source_change: str = "error") -> sources.PairedSource:
+def load_split(builder_class: type[LocalRgbdBuilder], split: str, *,
+               data_dir: str, source_dir: str | None = None,
+               on_source_change: str = "error") -> records.PairedSource:
   """PairedSource of a local dataset, preparing from source_dir if needed.
 
   Args:
-    name: 'scannet', 'sun_rgbd' or 'nyuv2'.
+    builder_class: the dataset's builder (a LocalRgbdBuilder subclass,
+      e.g. scannet.Builder); its DATASET names the layout.
     split: one of `local_layouts.SPLITS`.
     data_dir: TFDS data directory holding the prepared copy.
     source_dir: the user's local copy; required to prepare. When given and
@@ -219,7 +207,8 @@ def load_split(name: str, split: str, *, data_dir: str,
   if on_source_change not in ON_SOURCE_CHANGE:
     raise ValueError(f"on_source_change={on_source_change!r}; expected one "
                      f"of {ON_SOURCE_CHANGE}.")
-  b = builder(name, data_dir)
+  name = builder_class.DATASET
+  b = builder_class(data_dir=data_dir, file_format="array_record")
   if b.is_prepared() and source_dir is not None:
     if not os.path.isdir(source_dir):
       raise ValueError(
@@ -238,14 +227,14 @@ def load_split(name: str, split: str, *, data_dir: str,
       logging.warning("%s; re-preparing (on_source_change='reprepare').",
                       stale)
       shutil.rmtree(os.fspath(b.data_dir))
-      b = builder(name, data_dir)
+      b = builder_class(data_dir=data_dir, file_format="array_record")
   if not b.is_prepared():
     if source_dir is None:
       raise ValueError(
           f"{name} is not prepared under data_dir={data_dir!r}; pass the "
           "folder of your local copy as config=FOLDER to prepare it.")
     _prepare(b, name, os.fspath(source_dir))
-  return sources.PairedSource(
-      b.as_data_source()[split],
+  return records.PairedSource(
+      records.tfds_split(b, split, name),
       functools.partial(_decode, name=name, split=split),
       info=info_lib.get_info(name), split=split)

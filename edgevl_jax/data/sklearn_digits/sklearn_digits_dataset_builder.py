@@ -15,6 +15,8 @@ import dataclasses
 from etils import epath
 import numpy as np
 from PIL import Image
+from sklearn import datasets
+from sklearn import model_selection
 import tensorflow_datasets as tfds
 
 IMAGE_SIZE = 32
@@ -26,8 +28,6 @@ _RAW = tfds.features.Encoding.BYTES
 
 def _split_indices() -> dict[str, np.ndarray]:
   """Stratified, deterministic train/test indices into `load_digits`."""
-  from sklearn import datasets  # pylint: disable=g-import-not-at-top
-  from sklearn import model_selection  # pylint: disable=g-import-not-at-top
   labels = datasets.load_digits().target
   train, test = model_selection.train_test_split(
       np.arange(len(labels)), test_size=TEST_FRACTION, stratify=labels,
@@ -77,7 +77,6 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             for name, idx in _split_indices().items()}
 
   def _generate_examples(self, indices: np.ndarray):
-    from sklearn import datasets  # pylint: disable=g-import-not-at-top
     digits = datasets.load_digits()
     for i in indices:
       yield int(i), {"image": _to_rgb32(digits.images[i]),
