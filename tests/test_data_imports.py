@@ -76,3 +76,38 @@ def test_data_imports_nothing_from_training_or_in_functions():
       assert not any(n.startswith(("edgevl_jax.train", "edgevl_jax.run",
                                    "edgevl_jax.jobs", "edgevl_jax.eval"))
                      for n in names), f"{path}:{node.lineno}"
+
+
+def _writes_outside_atomic_path(tree: ast.AST) -> list[int]:
+  """Lines that write a file other than through utils.io."""
+  inside = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.With) and any(
+        isinstance(i.context_expr, ast.Call)
+        and getattr(i.context_expr.func, "attr", "") == "atomic_path"
+        for i in node.items):
+      inside |= {id(n) for n in ast.walk(node)}
+  bad = []
+  for node in ast.walk(tree):
+    if not isinstance(node, ast.Call):
+      continue
+    name = getattr(node.func, "attr", getattr(node.func, "id", ""))
+    mode = [a.value for a in node.args[1:2] + [k.value for k in node.keywords
+                                               if k.arg == "mode"]
+            if isinstance(a, ast.Constant)]
+    owner = getattr(getattr(node.func, "value", None), "id", "")
+    writes = ((name in ("replace", "rename") and owner in ("os", "shutil"))
+              or name in ("dump", "save", "savez", "savez_compressed",
+                          "write_text", "write_bytes")
+              or (name == "open" and any(set(str(m)) & set("wax+")
+                                         for m in mode)))
+    if writes and id(node) not in inside:
+      bad.append(node.lineno)
+  return bad
+
+
+def test_data_writes_files_only_through_utils_io():
+  for path in DATA.rglob("*.py"):
+    bad = _writes_outside_atomic_path(ast.parse(path.read_text()))
+    assert not bad, f"{path} writes outside utils.io at lines {bad}"
+    assert "jsonio" not in path.read_text(), f"{path}: read JSON via utils.io"

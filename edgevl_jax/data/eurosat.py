@@ -26,6 +26,7 @@ import numpy as np
 
 from edgevl_jax.data import info as info_lib
 from edgevl_jax.data import records
+from edgevl_jax.utils import io as io_lib
 
 TFDS_NAME = "eurosat/all"
 NUM_BANDS = 13
@@ -59,8 +60,8 @@ def _labels(raw, data_dir: str) -> np.ndarray:
   labels = np.asarray([int(raw[i]["label"]) for i in range(len(raw))],
                       np.int64)
   try:
-    os.makedirs(data_dir, exist_ok=True)
-    np.save(path, labels)
+    with io_lib.atomic_path(path) as tmp:
+      np.save(tmp, labels)
   except OSError:
     pass  # A read-only data_dir only costs a re-read next time.
   return labels

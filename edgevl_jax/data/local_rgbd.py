@@ -21,7 +21,6 @@ relative paths only).
 import functools
 import hashlib
 import io
-import json
 import logging
 import os
 import shutil
@@ -35,7 +34,7 @@ from edgevl_jax.data import info as info_lib
 from edgevl_jax.data import local_layouts
 from edgevl_jax.data import records
 from edgevl_jax.data import transforms
-from edgevl_jax.utils import jsonio
+from edgevl_jax.utils import io as io_lib
 
 SOURCE_RECORD = "edgevl_source.json"
 ON_SOURCE_CHANGE = ("error", "reprepare")
@@ -142,14 +141,6 @@ def _record_file(b: LocalRgbdBuilder) -> str:
   return os.path.join(os.fspath(b.data_dir), SOURCE_RECORD)
 
 
-def _write_record(b: LocalRgbdBuilder, record: dict[str, object]) -> None:
-  path = _record_file(b)
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(record, f, indent=2)
-  os.replace(tmp, path)
-
-
 def source_mismatch(b: LocalRgbdBuilder, name: str, source_dir: str
                     ) -> str | None:
   """Why the prepared copy of `b` does not match `source_dir`, or None."""
@@ -160,7 +151,7 @@ def source_mismatch(b: LocalRgbdBuilder, name: str, source_dir: str
             f"{SOURCE_RECORD} (it was prepared by an older edgevl_jax or "
             "outside load_split), so it cannot be checked against the source "
             f"folder {now['source_dir']!r}")
-  was = jsonio.read_json(path, required=("fingerprint",),
+  was = io_lib.read_json(path, required=("fingerprint",),
                          fix=f"delete {os.fspath(b.data_dir)!r} and prepare "
                          "again")
   if was["fingerprint"] == now["fingerprint"]:
@@ -182,7 +173,7 @@ def _prepare(b: LocalRgbdBuilder, name: str, source_dir: str) -> None:
   b.validated_samples = local_layouts.validate_source(name, source_dir)
   b.download_and_prepare(download_config=tfds.download.DownloadConfig(
       manual_dir=os.fspath(source_dir)))
-  _write_record(b, record)
+  io_lib.atomic_write_json(_record_file(b), record)
 
 
 def load_split(builder_class: type[LocalRgbdBuilder], split: str, *,
