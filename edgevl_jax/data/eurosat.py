@@ -1,15 +1,19 @@
 """EuroSAT RGB + SWIR pairs from TFDS `eurosat/all`, paper class split.
 
 `eurosat/all` stores the 13 Sentinel-2 L1C bands of each 64 x 64 tile as
-float32 digital numbers (reflectance x 10000), so one example gives both
-images of a pair:
+float32 digital numbers (reflectance x 10000), in the order of the
+all-bands GeoTIFFs: B01, B02, B03, B04, B05, B06, B07, B08, B09, B10, B11,
+B12, B8A (B8A last, not after B08). One example gives both images of a
+pair:
 
 - RGB = bands B4, B3, B2 (indices 3, 2, 1), value / 3000 clipped to [0, 1]
   then stored as uint8. Land-surface reflectance in the visible bands rarely
   exceeds 0.3, so 3000 maps the useful range to the full 8 bits (the usual
   Sentinel-2 true-colour stretch).
-- SWIR = band B12 (index 12), kept raw; the pipeline applies the paper's
-  value / 4095 clipped to [0, 1] (transforms.other_to_unit).
+- SWIR = band B12 (index 11; index 12 is B8A, near infrared), kept raw;
+  the pipeline applies the paper's value / 4095 clipped to [0, 1]
+  (transforms.other_to_unit). The reference reads it as rasterio band 12
+  (1-based) of the same files.
 
 Splits (EdgeVL protocol, classes disjoint between train and test):
 'train' and 'validation' hold only `info.train_class_ids` (validation is a
@@ -29,9 +33,11 @@ from edgevl_jax.data import records
 from edgevl_jax.utils import io as io_lib
 
 TFDS_NAME = "eurosat/all"
-NUM_BANDS = 13
-RGB_BANDS = (3, 2, 1)
-SWIR_BAND = 12
+BAND_NAMES = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B09",
+              "B10", "B11", "B12", "B8A")
+NUM_BANDS = len(BAND_NAMES)
+RGB_BANDS = tuple(BAND_NAMES.index(b) for b in ("B04", "B03", "B02"))
+SWIR_BAND = BAND_NAMES.index("B12")
 RGB_SCALE = 3000.0
 VALIDATION_FRACTION = 0.1
 SPLITS = ("train", "validation", "test")
