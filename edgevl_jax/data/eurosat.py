@@ -15,11 +15,13 @@ pair:
   (transforms.other_to_unit). The reference reads it as rasterio band 12
   (1-based) of the same files.
 
-Splits (EdgeVL protocol, classes disjoint between train and test):
-'train' and 'validation' hold only `info.train_class_ids` (validation is a
-seeded 10 % of them, for model selection), 'test' only
-`info.test_class_ids`. Labels keep their original 0-9 ids, so evaluation
-prompts cover all 10 classes.
+Splits (EdgeVL protocol, classes disjoint between train and test, drawn
+by the reference's numpy recipe, `info.reference_class_split`): 'train'
+and 'validation' hold only `info.train_class_ids` {1, 2, 4, 8, 9}, 'test'
+only `info.test_class_ids` {0, 3, 5, 6, 7}. Validation is a seeded 10 % of
+the train-class tiles, so model selection never sees a test tile or a test
+class (the reference selects on its test split). Labels keep their
+original 0-9 ids, so evaluation prompts cover all 10 classes.
 
 TFDS ships a single 'train' split of 27,000 tiles; the class of every tile
 is read once and cached as a .npy file next to the data.

@@ -9,6 +9,8 @@ import dataclasses
 import re
 from typing import Sequence
 
+import numpy as np
+
 from edgevl_jax.data.synthetic_rgbd.geometry import CLASS_NAMES as _SYNTH_NAMES
 from edgevl_jax.data.synthetic_rgbd.geometry import DISTRACTOR_NAMES as _SYNTH_DISTRACTORS
 
@@ -83,6 +85,28 @@ EUROSAT_CLASSES = (
     "pasture", "permanent crop", "residential", "river", "sea lake")
 
 
+def reference_class_split(num_classes: int = 10, num_train: int = 5,
+                          seed: int = 0
+                          ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """EdgeVL's class-disjoint split: (train class ids, test class ids).
+
+  The reference script (preprocess_dataset/eurosat/create_split.py) draws
+  `np.random.seed(seed); np.random.choice(num_classes, num_classes,
+  replace=False)` and gives the first `num_train` classes to train, the
+  rest to test. For EuroSAT in TFDS label order this is train {1, 2, 4, 8,
+  9} (forest, herbaceous vegetation, industrial, river, sea lake), test
+  {0, 3, 5, 6, 7} (annual crop, highway, pasture, permanent crop,
+  residential).
+  """
+  order = np.random.RandomState(seed).choice(num_classes, num_classes,
+                                             replace=False)
+  return (tuple(sorted(int(c) for c in order[:num_train])),
+          tuple(sorted(int(c) for c in order[num_train:])))
+
+
+EUROSAT_TRAIN_CLASS_IDS, EUROSAT_TEST_CLASS_IDS = reference_class_split()
+
+
 def _union(*groups: Sequence[str]) -> tuple[str, ...]:
   seen = {}
   for g in groups:
@@ -118,7 +142,8 @@ _REGISTRY = {
         prompt_templates=_SAT_TEMPLATES,
         superset_vocabulary=SATELLITE_SUPERSET, other_modality="swir",
         # Paper protocol: class-disjoint train and test halves.
-        train_class_ids=(0, 2, 4, 6, 8), test_class_ids=(1, 3, 5, 7, 9)),
+        train_class_ids=EUROSAT_TRAIN_CLASS_IDS,
+        test_class_ids=EUROSAT_TEST_CLASS_IDS),
     "scannet": DatasetInfo(
         name="scannet", class_names=SCANNET_CLASSES,
         prompt_templates=_INDOOR_TEMPLATES,
