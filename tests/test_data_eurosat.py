@@ -18,7 +18,7 @@ def mocked(tmp_path):
 def test_class_disjoint_splits_cover_all_ten_prompts(mocked):
   info = data.get_info("eurosat")
   assert len(info.prompts()) == 10 and info.other_modality == "swir"
-  assert info.prompts()[0] == "a satellite image of an annual crop."
+  assert info.prompts()[0] == "a satellite image of an annual crop"
   splits = {s: data.load_split("eurosat", s, data_dir=mocked)
             for s in ("train", "validation", "test")}
   labels = {s: {src[i]["label"] for i in range(len(src))}
