@@ -9,6 +9,12 @@ copy and reading needs only PIL, no TensorFlow. Depth PNGs keep their
 integer values (uint16 millimetres for ScanNet and NYUv2); min-max scaling
 happens in the pipeline.
 
+ScanNet's colour frames (1296 x 968) are larger than its depth frames
+(640 x 480); as in the reference, each RGB frame is resized to its depth
+frame's size when read (`rgb_resample`: 'area' by default, 'bilinear', or
+'nearest', which the reference code uses), so the stored files stay the
+originals. The other layouts must pair equal sizes (local_layouts.py).
+
 The prepared copy remembers its source: `edgevl_source.json` beside the TFDS
 files holds the source folder's absolute path and a fingerprint of its
 listing (relative paths, sizes and modification times, hashed). Loading with
@@ -38,6 +44,13 @@ from edgevl_jax.utils import io as io_lib
 
 SOURCE_RECORD = "edgevl_source.json"
 ON_SOURCE_CHANGE = ("error", "reprepare")
+# PIL filters of `rgb_resample`. PIL shrinks with a filter as wide as the
+# scale ('bilinear' is a triangle, 'area' a box average), so neither
+# aliases; 'nearest' keeps one pixel in about four, as cv2.INTER_NEAREST
+# in the reference.
+RGB_RESAMPLE = {"area": Image.Resampling.BOX,
+                "bilinear": Image.Resampling.BILINEAR,
+                "nearest": Image.Resampling.NEAREST}
 
 
 class LocalRgbdBuilder(tfds.core.GeneratorBasedBuilder):
@@ -97,9 +110,15 @@ class LocalRgbdBuilder(tfds.core.GeneratorBasedBuilder):
                 "key": s.key, "index": i}
 
 
-def _decode(raw, index: int, *, name: str = "", split: str = ""):
-  rgb = np.asarray(Image.open(io.BytesIO(raw["rgb_file"])).convert("RGB"))
+def _decode(raw, index: int, *, name: str = "", split: str = "",
+            rgb_resample: str | None = None):
+  """A stored pair -> standard record; rgb_resample: resize RGB to depth."""
+  rgb = Image.open(io.BytesIO(raw["rgb_file"])).convert("RGB")
   depth = np.asarray(Image.open(io.BytesIO(raw["depth_file"])))
+  size = (depth.shape[1], depth.shape[0])
+  if rgb_resample and rgb.size != size:
+    rgb = rgb.resize(size, RGB_RESAMPLE[rgb_resample])
+  rgb = np.asarray(rgb)
   key = records.decode_text(raw["key"])
   # Some exports save depth as 3 equal channels; different ones are refused.
   depth = transforms.single_channel(
@@ -178,7 +197,8 @@ def _prepare(b: LocalRgbdBuilder, name: str, source_dir: str) -> None:
 
 def load_split(builder_class: type[LocalRgbdBuilder], split: str, *,
                data_dir: str, source_dir: str | None = None,
-               on_source_change: str = "error") -> records.PairedSource:
+               on_source_change: str = "error",
+               rgb_resample: str = "area") -> records.PairedSource:
   """PairedSource of a local dataset, preparing from source_dir if needed.
 
   Args:
@@ -191,14 +211,20 @@ def load_split(builder_class: type[LocalRgbdBuilder], split: str, *,
       from a source with the same fingerprint (module docstring).
     on_source_change: 'error' (default): refuse a stale prepared copy;
       'reprepare': delete it and prepare again from `source_dir`.
+    rgb_resample: layouts in local_layouts.RESIZE_RGB_TO_DEPTH (ScanNet)
+      only: how RGB frames are resized to the depth size, a key of
+      RGB_RESAMPLE.
   """
+  name = builder_class.DATASET
+  if rgb_resample not in RGB_RESAMPLE:
+    raise ValueError(f"rgb_resample={rgb_resample!r}; expected one of "
+                     f"{sorted(RGB_RESAMPLE)}.")
   if split not in local_layouts.SPLITS:
     raise ValueError(f"{name} split {split!r} unknown; expected one of "
                      f"{local_layouts.SPLITS}.")
   if on_source_change not in ON_SOURCE_CHANGE:
     raise ValueError(f"on_source_change={on_source_change!r}; expected one "
                      f"of {ON_SOURCE_CHANGE}.")
-  name = builder_class.DATASET
   b = builder_class(data_dir=data_dir, file_format="array_record")
   if b.is_prepared() and source_dir is not None:
     if not os.path.isdir(source_dir):
@@ -227,5 +253,8 @@ def load_split(builder_class: type[LocalRgbdBuilder], split: str, *,
     _prepare(b, name, os.fspath(source_dir))
   return records.PairedSource(
       records.tfds_split(b, split, name),
-      functools.partial(_decode, name=name, split=split),
+      functools.partial(
+          _decode, name=name, split=split,
+          rgb_resample=(rgb_resample if name in
+                        local_layouts.RESIZE_RGB_TO_DEPTH else None)),
       info=info_lib.get_info(name), split=split)

@@ -45,7 +45,8 @@ def synthetic_builder(data_dir: str, config: Any = None):
 
 def load_split(name: str, split: str, *, data_dir: str,
                config: Any = None,
-               on_source_change: str = "error") -> records.PairedSource:
+               on_source_change: str = "error",
+               rgb_resample: str = "area") -> records.PairedSource:
   """Random-access source of one split, preparing the dataset if needed.
 
   Args:
@@ -60,6 +61,9 @@ def load_split(name: str, split: str, *, data_dir: str,
     on_source_change: scannet / sun_rgbd / nyuv2 only: 'error' (default)
       refuses a prepared copy whose source folder changed since; 'reprepare'
       prepares it again (see local_rgbd.py).
+    rgb_resample: scannet only: how its 1296 x 968 colour frames are resized
+      to the 640 x 480 depth size on reading: 'area' (default), 'bilinear'
+      or 'nearest' (what the reference code does).
 
   Returns:
     A PairedSource of standard records (records.py).
@@ -75,4 +79,5 @@ def load_split(name: str, split: str, *, data_dir: str,
     return eurosat.load_split(split, data_dir=data_dir)
   return local_rgbd.load_split(LOCAL_BUILDERS[name], split,
                                data_dir=data_dir, source_dir=config,
-                               on_source_change=on_source_change)
+                               on_source_change=on_source_change,
+                               rgb_resample=rgb_resample)
