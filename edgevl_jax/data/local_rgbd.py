@@ -31,7 +31,6 @@ import logging
 import os
 import shutil
 
-from etils import epath
 import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
@@ -39,6 +38,7 @@ import tensorflow_datasets as tfds
 from edgevl_jax.data import info as info_lib
 from edgevl_jax.data import local_layouts
 from edgevl_jax.data import records
+from edgevl_jax.data import tfds_builder
 from edgevl_jax.data import transforms
 from edgevl_jax.utils import io as io_lib
 
@@ -53,7 +53,8 @@ RGB_RESAMPLE = {"area": Image.Resampling.BOX,
                 "nearest": Image.Resampling.NEAREST}
 
 
-class LocalRgbdBuilder(tfds.core.GeneratorBasedBuilder):
+class LocalRgbdBuilder(tfds_builder.OwnCodePath,
+                       tfds.core.GeneratorBasedBuilder):
   """Base builder; subclasses set DATASET (a key of local_layouts.SCANNERS)."""
 
   DATASET = ""
@@ -64,13 +65,6 @@ class LocalRgbdBuilder(tfds.core.GeneratorBasedBuilder):
       "(edgevl_jax.data.load_split(name, split, data_dir=..., "
       "config=FOLDER)); the layout is described in "
       "edgevl_jax/data/local_layouts.py.")
-
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    # TFDS resolves this through importlib_resources, which it does not
-    # install; the file path is all it needs.
-    return epath.Path(__file__)
 
   def _info(self) -> tfds.core.DatasetInfo:
     names = info_lib.get_info(self.DATASET).class_names

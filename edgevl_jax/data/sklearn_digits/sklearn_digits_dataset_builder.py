@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 
-from etils import epath
 import numpy as np
 from PIL import Image
 from sklearn import datasets
 from sklearn import model_selection
 import tensorflow_datasets as tfds
+
+from edgevl_jax.data import tfds_builder
 
 IMAGE_SIZE = 32
 NUM_CLASSES = 10
@@ -43,17 +44,12 @@ def _to_rgb32(image8: np.ndarray) -> np.ndarray:
   return np.repeat(up[:, :, None], 3, axis=2)
 
 
-class Builder(tfds.core.GeneratorBasedBuilder):
+class Builder(tfds_builder.OwnCodePath,
+              tfds.core.GeneratorBasedBuilder):
   """scikit-learn digits, upsampled to 32 x 32 x 3."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "8x8 digits upsampled to 32x32x3, 80/20 split."}
-
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    # TFDS would resolve this through importlib_resources; the file is enough.
-    return epath.Path(__file__)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
