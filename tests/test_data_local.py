@@ -80,6 +80,8 @@ def test_scannet_missing_files_are_named(tmp_path):
   assert not os.path.exists(tmp_path / "o" / "scannet")  # nothing half-made
   with pytest.raises(ValueError, match="not prepared .* pass the folder"):
     data.load_split("scannet", "train", data_dir=str(tmp_path / "o"))
+  with pytest.raises(ValueError, match="scannet split 'val' unknown"):
+    data.load_split("scannet", "val", data_dir=str(tmp_path / "o"))
 
 
 def test_sun_rgbd_classes_from_file_names(tmp_path):
@@ -138,4 +140,66 @@ def test_mismatched_pair_sizes_are_named(tmp_path):
                      r"sizes differ: rgb test/rgb/office__000000.jpg is "
                      r"10x14 but depth test/depth/office__000000.png is 12x16"):
     data.load_split("sun_rgbd", "test", data_dir=str(tmp_path / "t"),
+                    config=root)
+
+
+def _scannet_at_sensor_resolution(root, rgb_hw=(968, 1296)):
+  """3 frames: colour JPEGs at ScanNet's 1296 x 968, depth 640 x 480 uint16.
+
+  Two train scenes (one is carved off for validation) and one valid frame.
+  """
+  ids = {"train": ["scene0000_00/00000", "scene0001_00/00100"],
+         "valid": ["scene0700_00/00000"]}
+  h, w = rgb_hw
+  yy, xx = np.mgrid[0:h, 0:w]
+  for split, lst in ids.items():
+    _text(os.path.join(root, f"{split}_every_100th.txt"), "\n".join(lst))
+    for k, i in enumerate(lst):
+      # Smooth (small JPEG) but not constant, so resamplers differ.
+      rgb = np.stack([xx * 255 // w, yy * 255 // h,
+                      (xx // 7 + yy // 5 + 40 * k) % 256], -1)
+      path = os.path.join(root, split, "rgb", i + ".jpg")
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      Image.fromarray(rgb.astype(np.uint8)).save(path, quality=90)
+      _img(os.path.join(root, split, "depth", i + ".png"), h=480, w=640,
+           depth=True, seed=k)
+      _text(os.path.join(root, split, "scene_class",
+                         i.split("/")[0] + ".txt"), "kitchen")
+  return ids
+
+
+def test_scannet_rgb_is_resized_to_the_depth_size(tmp_path):
+  root = str(tmp_path / "scannet")
+  ids = _scannet_at_sensor_resolution(root)
+  out = str(tmp_path / "tfds")
+  test = data.load_split("scannet", "test", data_dir=out, config=root)
+  rec = test[0]
+  assert rec["rgb"].shape == (480, 640, 3) and rec["rgb"].dtype == np.uint8
+  assert rec["other"].shape == (480, 640) and rec["other"].dtype == np.uint16
+  original = Image.open(os.path.join(root, "valid", "rgb",
+                                     ids["valid"][0] + ".jpg")).convert("RGB")
+  assert original.size == (1296, 968)
+  expected = {m: np.asarray(original.resize((640, 480), f))
+              for m, f in (("area", Image.Resampling.BOX),
+                           ("nearest", Image.Resampling.NEAREST))}
+  np.testing.assert_array_equal(rec["rgb"], expected["area"])  # default
+  nearest = data.load_split("scannet", "test", data_dir=out,
+                            rgb_resample="nearest")[0]["rgb"]
+  np.testing.assert_array_equal(nearest, expected["nearest"])
+  assert not np.array_equal(nearest, rec["rgb"])
+  b = next(iter(data.paired_loader(test, batch_size=1, image_size=32,
+                                   train=False)))
+  assert b["rgb"].shape == b["other"].shape == (1, 32, 32, 3)
+  with pytest.raises(ValueError, match=r"rgb_resample='cubic'; expected one "
+                     r"of \['area', 'bilinear', 'nearest'\]"):
+    data.load_split("scannet", "test", data_dir=out, rgb_resample="cubic")
+
+
+def test_scannet_pair_of_another_aspect_ratio_is_named(tmp_path):
+  root = str(tmp_path / "scannet")
+  _scannet_at_sensor_resolution(root, rgb_hw=(600, 1296))
+  with pytest.raises(ValueError, match=r"'scene0700_00/00000': aspect ratios "
+                     r"differ: rgb valid/rgb/scene0700_00/00000.jpg is "
+                     r"600x1296 but depth .* is 480x640"):
+    data.load_split("scannet", "test", data_dir=str(tmp_path / "t"),
                     config=root)

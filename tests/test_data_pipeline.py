@@ -1,12 +1,13 @@
 """grain pipelines: joint augmentation, modes, sharding, resumption, errors."""
-import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from edgevl_jax import data
 from edgevl_jax.data import transforms
+from edgevl_jax.train import checkpoint as checkpoint_lib
+from edgevl_jax.train import mesh as mesh_lib
 
 
 @pytest.fixture(scope="module")
@@ -163,44 +164,57 @@ def test_triplet_batches_with_missing_negatives(tiny):
                                 pl[b["index"][b["mask"]]])
 
 
-def test_resumed_iterator_replays_the_same_batches(tiny, tmp_path):
+def test_checkpointed_iterator_resumes_mid_epoch_exactly(tiny, tmp_path):
+  # What the trainers do: the grain iterator's position is saved with the
+  # train state by the training checkpointer and set on a fresh iterator.
   make = lambda: data.paired_loader(tiny, batch_size=8, image_size=8,
                                     train=True, seed=3)
   it = iter(make())
-  for _ in range(4):
+  for _ in range(4):  # 4 of the 15 batches of an epoch
     next(it)
-  data.save_iterator_state(it, str(tmp_path / "state.json"))
-  mngr = ocp.CheckpointManager(tmp_path / "ckpt", item_names=("data",))
-  mngr.save(4, args=ocp.args.Composite(
-      data=grain.checkpoint.CheckpointSave(it)))
-  mngr.wait_until_finished()
+  state = {"step": jnp.asarray(4, jnp.int32)}
+  with checkpoint_lib.Checkpointer(tmp_path, async_save=False) as ckpt:
+    ckpt.save(state, step=4, data_iterator=it)
   expected = [next(it) for _ in range(20)]  # crosses the epoch boundary
-  resumed = data.restore_iterator_state(iter(make()),
-                                        str(tmp_path / "state.json"))
   fresh = iter(make())
-  mngr.restore(4, args=ocp.args.Composite(
-      data=grain.checkpoint.CheckpointRestore(fresh)))
+  with checkpoint_lib.Checkpointer(tmp_path) as ckpt:
+    restored, _ = ckpt.restore_latest(state, data_iterator=fresh)
+  assert int(restored["step"]) == 4
   for e in expected:
-    for r in (next(resumed), next(fresh)):
-      np.testing.assert_array_equal(e["index"], r["index"])
-      np.testing.assert_array_equal(e["rgb"], r["rgb"])
+    r = next(fresh)
+    np.testing.assert_array_equal(e["index"], r["index"])
+    np.testing.assert_array_equal(e["rgb"], r["rgb"])
+  # The check has teeth: an iterator that was not restored differs.
+  assert not np.array_equal(next(iter(make()))["index"],
+                            expected[0]["index"])
 
 
-def test_to_global_lays_batch_on_data_axes(tiny):
+def test_per_host_shards_assemble_the_global_batch_on_the_mesh(tiny):
+  # Two simulated hosts of a (data 4, fsdp 2) mesh: host p loads shard p of
+  # 2 and owns devices 4p..4p+3; the global batch is host 0's rows then
+  # host 1's, and together they are the 1-process batch of the same step.
   mesh = jax.make_mesh((4, 2), ("data", "fsdp"),
                        axis_types=(jax.sharding.AxisType.Auto,) * 2)
-  b = next(iter(data.caption_loader(tiny, batch_size=8, image_size=8)))
-  g = data.to_global(b, mesh)
-  assert isinstance(g["rgb"], jax.Array) and g["rgb"].shape == (8, 8, 8, 3)
+  kw = dict(image_size=8, train=True, seed=5)
+  hosts = [next(iter(data.paired_loader(tiny, batch_size=8, shard_index=p,
+                                        shard_count=2, **kw)))
+           for p in range(2)]
+  one = next(iter(data.paired_loader(tiny, batch_size=16, shard_index=0,
+                                     shard_count=1, **kw)))
+  local = {k: np.concatenate([h[k] for h in hosts]) for k in hosts[0]}
+  assert sorted(local["index"].tolist()) == sorted(one["index"].tolist())
+  g = mesh_lib.shard_batch(local, mesh)
+  assert isinstance(g["rgb"], jax.Array) and g["rgb"].shape == (16, 8, 8, 3)
   assert g["rgb"].sharding.spec == jax.sharding.PartitionSpec(
       ("data", "fsdp"))
-  assert len(g["rgb"].addressable_shards) == 8
-  np.testing.assert_array_equal(np.asarray(g["label"]), b["label"])
-  assert isinstance(g["caption"], np.ndarray)
-  only_model = jax.make_mesh((8,), ("model",),
-                             axis_types=(jax.sharding.AxisType.Auto,))
-  with pytest.raises(ValueError, match="none of the data axes"):
-    data.to_global(b, only_model)
+  shards = sorted(g["index"].addressable_shards,
+                  key=lambda s: s.index[0].start)
+  assert len(shards) == 8
+  for d, shard in enumerate(shards):
+    host = hosts[d // 4]
+    np.testing.assert_array_equal(np.asarray(shard.data),
+                                  host["index"][2 * (d % 4):2 * (d % 4) + 2])
+  np.testing.assert_array_equal(np.asarray(g["rgb"]), local["rgb"])
 
 
 def test_bad_inputs_name_the_problem(tiny, tiny_dir):

@@ -1,21 +1,27 @@
 """EuroSAT RGB + SWIR pairs from TFDS `eurosat/all`, paper class split.
 
 `eurosat/all` stores the 13 Sentinel-2 L1C bands of each 64 x 64 tile as
-float32 digital numbers (reflectance x 10000), so one example gives both
-images of a pair:
+float32 digital numbers (reflectance x 10000), in the order of the
+all-bands GeoTIFFs: B01, B02, B03, B04, B05, B06, B07, B08, B09, B10, B11,
+B12, B8A (B8A last, not after B08). One example gives both images of a
+pair:
 
 - RGB = bands B4, B3, B2 (indices 3, 2, 1), value / 3000 clipped to [0, 1]
   then stored as uint8. Land-surface reflectance in the visible bands rarely
   exceeds 0.3, so 3000 maps the useful range to the full 8 bits (the usual
   Sentinel-2 true-colour stretch).
-- SWIR = band B12 (index 12), kept raw; the pipeline applies the paper's
-  value / 4095 clipped to [0, 1] (transforms.other_to_unit).
+- SWIR = band B12 (index 11; index 12 is B8A, near infrared), kept raw;
+  the pipeline applies the paper's value / 4095 clipped to [0, 1]
+  (transforms.other_to_unit). The reference reads it as rasterio band 12
+  (1-based) of the same files.
 
-Splits (EdgeVL protocol, classes disjoint between train and test):
-'train' and 'validation' hold only `info.train_class_ids` (validation is a
-seeded 10 % of them, for model selection), 'test' only
-`info.test_class_ids`. Labels keep their original 0-9 ids, so evaluation
-prompts cover all 10 classes.
+Splits (EdgeVL protocol, classes disjoint between train and test, drawn
+by the reference's numpy recipe, `info.reference_class_split`): 'train'
+and 'validation' hold only `info.train_class_ids` {1, 2, 4, 8, 9}, 'test'
+only `info.test_class_ids` {0, 3, 5, 6, 7}. Validation is a seeded 10 % of
+the train-class tiles, so model selection never sees a test tile or a test
+class (the reference selects on its test split). Labels keep their
+original 0-9 ids, so evaluation prompts cover all 10 classes.
 
 TFDS ships a single 'train' split of 27,000 tiles; the class of every tile
 is read once and cached as a .npy file next to the data.
@@ -25,12 +31,15 @@ import os
 import numpy as np
 
 from edgevl_jax.data import info as info_lib
-from edgevl_jax.data import sources
+from edgevl_jax.data import records
+from edgevl_jax.utils import io as io_lib
 
 TFDS_NAME = "eurosat/all"
-NUM_BANDS = 13
-RGB_BANDS = (3, 2, 1)
-SWIR_BAND = 12
+BAND_NAMES = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B09",
+              "B10", "B11", "B12", "B8A")
+NUM_BANDS = len(BAND_NAMES)
+RGB_BANDS = tuple(BAND_NAMES.index(b) for b in ("B04", "B03", "B02"))
+SWIR_BAND = BAND_NAMES.index("B12")
 RGB_SCALE = 3000.0
 VALIDATION_FRACTION = 0.1
 SPLITS = ("train", "validation", "test")
@@ -59,8 +68,8 @@ def _labels(raw, data_dir: str) -> np.ndarray:
   labels = np.asarray([int(raw[i]["label"]) for i in range(len(raw))],
                       np.int64)
   try:
-    os.makedirs(data_dir, exist_ok=True)
-    np.save(path, labels)
+    with io_lib.atomic_path(path) as tmp:
+      np.save(tmp, labels)
   except OSError:
     pass  # A read-only data_dir only costs a re-read next time.
   return labels
@@ -81,13 +90,13 @@ def split_positions(labels: np.ndarray, split: str,
   return np.sort(train[chosen])
 
 
-def load_split(split: str, *, data_dir: str) -> sources.PairedSource:
+def load_split(split: str, *, data_dir: str) -> records.PairedSource:
   """PairedSource of one EuroSAT split (module docstring), modality 'swir'."""
   info = info_lib.get_info("eurosat")
   if split not in SPLITS:
     raise ValueError(f"EuroSAT split {split!r} unknown; expected one of "
                      f"{SPLITS}.")
-  raw = sources.tfds_data_source(TFDS_NAME, "train", data_dir)
+  raw = records.tfds_data_source(TFDS_NAME, "train", data_dir)
   positions = split_positions(_labels(raw, data_dir), split, info)
-  return sources.PairedSource(raw, _convert, info=info, split=split,
+  return records.PairedSource(raw, _convert, info=info, split=split,
                               positions=positions)

@@ -8,8 +8,8 @@ ScanNet (EdgeVL's every-100th-frame conversion, nicr-scene-analysis-datasets
 with `--subsample 100`):
   ROOT/train_every_100th.txt, ROOT/valid_every_100th.txt   one id a line,
       id = "<scene>/<frame>", e.g. "scene0000_00/00100"
-  ROOT/{train,valid}/rgb/<id>.jpg        colour frame
-  ROOT/{train,valid}/depth/<id>.png      uint16 depth, millimetres
+  ROOT/{train,valid}/rgb/<id>.jpg        colour frame, 1296 x 968
+  ROOT/{train,valid}/depth/<id>.png      uint16 depth, millimetres, 640 x 480
   ROOT/{train,valid}/scene_class/<scene>.txt   scene type, e.g. "bedroom/hotel"
 SUN RGB-D (EdgeVL's crop preprocessing):
   ROOT/{train,test}/rgb/<class>__<n>.jpg and ROOT/{train,test}/depth/<same>.png
@@ -26,6 +26,10 @@ seed (ScanNet: whole scenes, so frames of one scene never straddle).
 (`check_files`): a truncated or non-image file, a depth image with three
 different channels, or an RGB / depth pair of different sizes is reported
 with its record and file before anything is prepared, never at first read.
+Layouts in RESIZE_RGB_TO_DEPTH (ScanNet, whose colour and depth cameras
+differ in resolution) instead accept an RGB frame of another size with the
+depth frame's aspect ratio: the published protocol resizes it to the depth
+size when it is read (local_rgbd.py).
 """
 import concurrent.futures
 import dataclasses
@@ -42,6 +46,11 @@ from edgevl_jax.data import transforms
 
 VALIDATION_FRACTION = 0.1
 SPLITS = ("train", "validation", "test")
+# Layouts whose RGB frames are resized to the depth frame's size on reading
+# (the reference resizes ScanNet's 1296 x 968 colour to 640 x 480 depth).
+RESIZE_RGB_TO_DEPTH = frozenset({"scannet"})
+# How far the two aspect ratios of such a pair may differ (ScanNet: 0.4 %).
+ASPECT_TOLERANCE = 0.02
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,10 +237,12 @@ def _read_image(path: str, *, fast: bool) -> tuple[tuple[int, int], Any]:
     return size, None if fast else np.asarray(img)
 
 
-def check_sample(sample: Sample, *, split: str, root: str = "") -> list[str]:
+def check_sample(sample: Sample, *, split: str, root: str = "",
+                 resize_rgb: bool = False) -> list[str]:
   """Problems of one record's files ([] when it decodes as a valid pair).
 
-  Files are named relative to `root` when given.
+  Files are named relative to `root` when given. resize_rgb: the RGB frame
+  will be resized to the depth size, so only the aspect ratios must agree.
   """
   where = f"{split} record {sample.key!r}"
   problems = []
@@ -256,10 +267,18 @@ def check_sample(sample: Sample, *, split: str, root: str = "") -> list[str]:
         problems.append(str(e).rstrip("."))
   if len(sizes) == 2 and sizes["rgb"] != sizes["depth"]:
     (w1, h1), (w2, h2) = sizes["rgb"], sizes["depth"]
-    problems.append(f"{where}: image sizes differ: rgb {rel(sample.rgb_path)}"
-                    f" is {h1}x{w1} but depth {rel(sample.depth_path)} is "
-                    f"{h2}x{w2} (H x W); paired images must be "
-                    "co-registered")
+    if not resize_rgb:
+      problems.append(
+          f"{where}: image sizes differ: rgb {rel(sample.rgb_path)} is "
+          f"{h1}x{w1} but depth {rel(sample.depth_path)} is {h2}x{w2} "
+          "(H x W); paired images must be co-registered")
+    elif abs((w1 / h1) / (w2 / h2) - 1.0) > ASPECT_TOLERANCE:
+      problems.append(
+          f"{where}: aspect ratios differ: rgb {rel(sample.rgb_path)} is "
+          f"{h1}x{w1} but depth {rel(sample.depth_path)} is {h2}x{w2} "
+          "(H x W); the RGB frame is resized to the depth size, which "
+          "needs the same aspect ratio (within "
+          f"{ASPECT_TOLERANCE:.0%})")
   return problems
 
 
@@ -273,8 +292,9 @@ def check_files(name: str, samples: dict[str, list[Sample]], *,
   jobs = [(split, s) for split in sorted(samples) for s in samples[split]]
   workers = workers or min(8, os.cpu_count() or 1)
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-    found = pool.map(lambda job: check_sample(job[1], split=job[0],
-                                              root=root), jobs)
+    found = pool.map(lambda job: check_sample(
+        job[1], split=job[0], root=root,
+        resize_rgb=name in RESIZE_RGB_TO_DEPTH), jobs)
     problems = [p for ps in found for p in ps]
   if problems:
     shown = "; ".join(problems[:10])

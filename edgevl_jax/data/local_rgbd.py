@@ -9,6 +9,12 @@ copy and reading needs only PIL, no TensorFlow. Depth PNGs keep their
 integer values (uint16 millimetres for ScanNet and NYUv2); min-max scaling
 happens in the pipeline.
 
+ScanNet's colour frames (1296 x 968) are larger than its depth frames
+(640 x 480); as in the reference, each RGB frame is resized to its depth
+frame's size when read (`rgb_resample`: 'area' by default, 'bilinear', or
+'nearest', which the reference code uses), so the stored files stay the
+originals. The other layouts must pair equal sizes (local_layouts.py).
+
 The prepared copy remembers its source: `edgevl_source.json` beside the TFDS
 files holds the source folder's absolute path and a fingerprint of its
 listing (relative paths, sizes and modification times, hashed). Loading with
@@ -21,27 +27,34 @@ relative paths only).
 import functools
 import hashlib
 import io
-import json
 import logging
 import os
 import shutil
 
-from etils import epath
 import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
 from edgevl_jax.data import info as info_lib
 from edgevl_jax.data import local_layouts
-from edgevl_jax.data import sources
+from edgevl_jax.data import records
+from edgevl_jax.data import tfds_builder
 from edgevl_jax.data import transforms
-from edgevl_jax.utils import jsonio
+from edgevl_jax.utils import io as io_lib
 
 SOURCE_RECORD = "edgevl_source.json"
 ON_SOURCE_CHANGE = ("error", "reprepare")
+# PIL filters of `rgb_resample`. PIL shrinks with a filter as wide as the
+# scale ('bilinear' is a triangle, 'area' a box average), so neither
+# aliases; 'nearest' keeps one pixel in about four, as cv2.INTER_NEAREST
+# in the reference.
+RGB_RESAMPLE = {"area": Image.Resampling.BOX,
+                "bilinear": Image.Resampling.BILINEAR,
+                "nearest": Image.Resampling.NEAREST}
 
 
-class LocalRgbdBuilder(tfds.core.GeneratorBasedBuilder):
+class LocalRgbdBuilder(tfds_builder.OwnCodePath,
+                       tfds.core.GeneratorBasedBuilder):
   """Base builder; subclasses set DATASET (a key of local_layouts.SCANNERS)."""
 
   DATASET = ""
@@ -52,13 +65,6 @@ class LocalRgbdBuilder(tfds.core.GeneratorBasedBuilder):
       "(edgevl_jax.data.load_split(name, split, data_dir=..., "
       "config=FOLDER)); the layout is described in "
       "edgevl_jax/data/local_layouts.py.")
-
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    # TFDS resolves this through importlib_resources, which it does not
-    # install; the file path is all it needs.
-    return epath.Path(__file__)
 
   def _info(self) -> tfds.core.DatasetInfo:
     names = info_lib.get_info(self.DATASET).class_names
@@ -98,10 +104,16 @@ class LocalRgbdBuilder(tfds.core.GeneratorBasedBuilder):
                 "key": s.key, "index": i}
 
 
-def _decode(raw, index: int, *, name: str = "", split: str = ""):
-  rgb = np.asarray(Image.open(io.BytesIO(raw["rgb_file"])).convert("RGB"))
+def _decode(raw, index: int, *, name: str = "", split: str = "",
+            rgb_resample: str | None = None):
+  """A stored pair -> standard record; rgb_resample: resize RGB to depth."""
+  rgb = Image.open(io.BytesIO(raw["rgb_file"])).convert("RGB")
   depth = np.asarray(Image.open(io.BytesIO(raw["depth_file"])))
-  key = raw["key"].decode() if isinstance(raw["key"], bytes) else raw["key"]
+  size = (depth.shape[1], depth.shape[0])
+  if rgb_resample and rgb.size != size:
+    rgb = rgb.resize(size, RGB_RESAMPLE[rgb_resample])
+  rgb = np.asarray(rgb)
+  key = records.decode_text(raw["key"])
   # Some exports save depth as 3 equal channels; different ones are refused.
   depth = transforms.single_channel(
       depth, "depth", where=f"{name}[{split}][{index}] record {key!r}")
@@ -142,14 +154,6 @@ def _record_file(b: LocalRgbdBuilder) -> str:
   return os.path.join(os.fspath(b.data_dir), SOURCE_RECORD)
 
 
-def _write_record(b: LocalRgbdBuilder, record: dict[str, object]) -> None:
-  path = _record_file(b)
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(record, f, indent=2)
-  os.replace(tmp, path)
-
-
 def source_mismatch(b: LocalRgbdBuilder, name: str, source_dir: str
                     ) -> str | None:
   """Why the prepared copy of `b` does not match `source_dir`, or None."""
@@ -160,7 +164,7 @@ def source_mismatch(b: LocalRgbdBuilder, name: str, source_dir: str
             f"{SOURCE_RECORD} (it was prepared by an older edgevl_jax or "
             "outside load_split), so it cannot be checked against the source "
             f"folder {now['source_dir']!r}")
-  was = jsonio.read_json(path, required=("fingerprint",),
+  was = io_lib.read_json(path, required=("fingerprint",),
                          fix=f"delete {os.fspath(b.data_dir)!r} and prepare "
                          "again")
   if was["fingerprint"] == now["fingerprint"]:
@@ -182,29 +186,18 @@ def _prepare(b: LocalRgbdBuilder, name: str, source_dir: str) -> None:
   b.validated_samples = local_layouts.validate_source(name, source_dir)
   b.download_and_prepare(download_config=tfds.download.DownloadConfig(
       manual_dir=os.fspath(source_dir)))
-  _write_record(b, record)
+  io_lib.atomic_write_json(_record_file(b), record)
 
 
-def builder(name: str, data_dir: str) -> LocalRgbdBuilder:
-  """The TFDS builder of local dataset `name` writing under data_dir."""
-  from edgevl_jax.data.nyuv2 import nyuv2_dataset_builder as nyu  # pylint: disable=g-import-not-at-top
-  from edgevl_jax.data.scannet import scannet_dataset_builder as scn  # pylint: disable=g-import-not-at-top
-  from edgevl_jax.data.sun_rgbd import sun_rgbd_dataset_builder as sun  # pylint: disable=g-import-not-at-top
-  classes = {"scannet": scn.Builder, "sun_rgbd": sun.Builder,
-             "nyuv2": nyu.Builder}
-  if name not in classes:
-    raise ValueError(f"No local RGB-D builder {name!r}; expected one of "
-                     f"{sorted(classes)}.")
-  return classes[name](data_dir=data_dir, file_format="array_record")
-
-
-def load_split(name: str, split: str, *, data_dir: str,
-               source_dir: str | None = None,
-               on_source_change: str = "error") -> sources.PairedSource:
+def load_split(builder_class: type[LocalRgbdBuilder], split: str, *,
+               data_dir: str, source_dir: str | None = None,
+               on_source_change: str = "error",
+               rgb_resample: str = "area") -> records.PairedSource:
   """PairedSource of a local dataset, preparing from source_dir if needed.
 
   Args:
-    name: 'scannet', 'sun_rgbd' or 'nyuv2'.
+    builder_class: the dataset's builder (a LocalRgbdBuilder subclass,
+      e.g. scannet.Builder); its DATASET names the layout.
     split: one of `local_layouts.SPLITS`.
     data_dir: TFDS data directory holding the prepared copy.
     source_dir: the user's local copy; required to prepare. When given and
@@ -212,14 +205,21 @@ def load_split(name: str, split: str, *, data_dir: str,
       from a source with the same fingerprint (module docstring).
     on_source_change: 'error' (default): refuse a stale prepared copy;
       'reprepare': delete it and prepare again from `source_dir`.
+    rgb_resample: layouts in local_layouts.RESIZE_RGB_TO_DEPTH (ScanNet)
+      only: how RGB frames are resized to the depth size, a key of
+      RGB_RESAMPLE.
   """
+  name = builder_class.DATASET
+  if rgb_resample not in RGB_RESAMPLE:
+    raise ValueError(f"rgb_resample={rgb_resample!r}; expected one of "
+                     f"{sorted(RGB_RESAMPLE)}.")
   if split not in local_layouts.SPLITS:
     raise ValueError(f"{name} split {split!r} unknown; expected one of "
                      f"{local_layouts.SPLITS}.")
   if on_source_change not in ON_SOURCE_CHANGE:
     raise ValueError(f"on_source_change={on_source_change!r}; expected one "
                      f"of {ON_SOURCE_CHANGE}.")
-  b = builder(name, data_dir)
+  b = builder_class(data_dir=data_dir, file_format="array_record")
   if b.is_prepared() and source_dir is not None:
     if not os.path.isdir(source_dir):
       raise ValueError(
@@ -238,14 +238,17 @@ def load_split(name: str, split: str, *, data_dir: str,
       logging.warning("%s; re-preparing (on_source_change='reprepare').",
                       stale)
       shutil.rmtree(os.fspath(b.data_dir))
-      b = builder(name, data_dir)
+      b = builder_class(data_dir=data_dir, file_format="array_record")
   if not b.is_prepared():
     if source_dir is None:
       raise ValueError(
           f"{name} is not prepared under data_dir={data_dir!r}; pass the "
           "folder of your local copy as config=FOLDER to prepare it.")
     _prepare(b, name, os.fspath(source_dir))
-  return sources.PairedSource(
-      b.as_data_source()[split],
-      functools.partial(_decode, name=name, split=split),
+  return records.PairedSource(
+      records.tfds_split(b, split, name),
+      functools.partial(
+          _decode, name=name, split=split,
+          rgb_resample=(rgb_resample if name in
+                        local_layouts.RESIZE_RGB_TO_DEPTH else None)),
       info=info_lib.get_info(name), split=split)

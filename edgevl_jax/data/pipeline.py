@@ -16,7 +16,7 @@ All loaders take a source from `edgevl_jax.data.load_split` and return a
 `indices` of a subset and the rows of a triplet array use the same numbers.
 
 Sharding: each JAX process reads its own shard (defaults: this process of
-`jax.process_count()`); `distributed.to_global` assembles the global batch.
+`jax.process_count()`); the trainer assembles the global batch on its mesh.
 Training streams are one global shuffle of which process p reads positions
 p, p + P, p + 2P, ...: the union of the per-process batches of a step holds
 the same examples with the same augmentation draws as batch k of a
@@ -26,8 +26,8 @@ contiguous block instead.
 Determinism and resumption: shuffling and augmentation randomness come from
 `seed` and the record position only, so `iter(loader)` with the same
 arguments replays the same batches, and `iterator.get_state()` /
-`set_state()` (or orbax with `grain.checkpoint.CheckpointHandler`, see
-`checkpoint.py`) resume mid-epoch exactly.
+`set_state()` (which the trainer's checkpointer saves per process beside
+the train state) resume mid-epoch exactly.
 """
 import hashlib
 from typing import Any, Sequence

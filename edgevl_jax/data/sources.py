@@ -1,117 +1,39 @@
-"""Random-access paired-modality sources: one record format for all datasets.
+"""Dataset name -> random-access source of one split (`load_split`).
 
-Every source returned by `load_split` yields records
-
-  {'rgb': uint8 (H, W, 3), 'other': (H, W) raw non-RGB values,
-   'label': int, 'index': int (position in the split), ['caption': str]}
-
-and carries `.modality` ('depth' | 'swir'), `.info` (DatasetInfo) and
-`.split`. How 'other' becomes a [0, 1] image is the pipeline's business
-(transforms.modality_to_unit). Sources are grain RandomAccessDataSources
-(`__len__`, `__getitem__`), so grain samplers, sharding and checkpoints work.
+The one place that knows every dataset: it imports the builders and the
+per-dataset loaders, and none of them imports it back (the record format
+they share lives in records.py), so the package has no import cycle.
+Every source yields the standard records described in records.py.
 """
-from typing import Any, Callable, Sequence
+from typing import Any
 
-import numpy as np
-import tensorflow_datasets as tfds
-
+from edgevl_jax.data import eurosat
 from edgevl_jax.data import info as info_lib
+from edgevl_jax.data import local_rgbd
+from edgevl_jax.data import records
+from edgevl_jax.data.nyuv2 import nyuv2_dataset_builder
+from edgevl_jax.data.scannet import scannet_dataset_builder
+from edgevl_jax.data.sun_rgbd import sun_rgbd_dataset_builder
+from edgevl_jax.data.synthetic_rgbd import synthetic_rgbd_dataset_builder
 
-Record = dict[str, Any]
-# Splits whose decoded records fit in this many bytes are cached in memory.
-CACHE_LIMIT_BYTES = 512 << 20
+# Kept here for callers that import them from sources.
+PairedSource = records.PairedSource
+tfds_data_source = records.tfds_data_source
 
-
-class PairedSource:
-  """Wraps a raw random-access source and converts its records.
-
-  Attributes:
-    info: the dataset's DatasetInfo.
-    split: split name.
-    modality: non-RGB modality name.
-  """
-
-  def __init__(self, raw: Any, convert: Callable[[Record, int], Record], *,
-               info: info_lib.DatasetInfo, split: str,
-               positions: Sequence[int] | None = None,
-               cache_limit_bytes: int = CACHE_LIMIT_BYTES):
-    self._raw = raw
-    self._convert = convert
-    self._positions = None if positions is None else np.asarray(positions)
-    # Decoded records of a split that fits in `cache_limit_bytes` are kept
-    # in memory after their first read: TFDS decoding is most of a small
-    # record's loading cost, and the demo re-reads each record many times.
-    self._cache_limit = int(cache_limit_bytes)
-    self._cache: dict[int, Record] | None = None
-    self.info = info
-    self.split = split
-    self.modality = info.other_modality
-    if len(self) == 0:
-      raise ValueError(
-          f"Split {split!r} of dataset {info.name!r} is empty; expected at "
-          "least one example (check the split name and the prepared data).")
-
-  def __len__(self) -> int:
-    if self._positions is not None:
-      return len(self._positions)
-    return len(self._raw)
-
-  def __getitem__(self, index: int) -> Record:
-    index = int(index)
-    if self._cache is not None and index in self._cache:
-      return self._cache[index]
-    raw_index = index if self._positions is None else int(
-        self._positions[index])
-    record = self._convert(self._raw[raw_index], index)
-    check_record(record, where=f"{self.info.name}[{self.split}][{index}]")
-    if self._cache is None and self._cache_limit > 0:
-      # Decided on the first read: the whole split's decoded size.
-      size = sum(np.asarray(v).nbytes for v in record.values()) * len(self)
-      self._cache = {} if size <= self._cache_limit else None
-      self._cache_limit = self._cache_limit if self._cache is not None else 0
-    if self._cache is not None:
-      self._cache[index] = record
-    return record
-
-  def __repr__(self) -> str:
-    return (f"PairedSource({self.info.name!r}, split={self.split!r}, "
-            f"len={len(self)}, modality={self.modality!r})")
+LOCAL_BUILDERS = {"scannet": scannet_dataset_builder.Builder,
+                  "sun_rgbd": sun_rgbd_dataset_builder.Builder,
+                  "nyuv2": nyuv2_dataset_builder.Builder}
 
 
-def check_record(record: Record, *, where: str) -> None:
-  """Validates one standard record; raises ValueError naming the problem."""
-  for key in ("rgb", "other", "label"):
-    if key not in record or record[key] is None:
-      raise ValueError(f"{where}: missing modality/field {key!r}; a paired "
-                       "record needs 'rgb', 'other' and 'label'.")
-  rgb, other = np.asarray(record["rgb"]), np.asarray(record["other"])
-  if rgb.ndim != 3 or rgb.shape[-1] != 3:
-    raise ValueError(f"{where}: 'rgb' must be (H, W, 3); got shape "
-                     f"{rgb.shape}.")
-  if other.ndim == 3 and other.shape[-1] == 1:
-    other = other[..., 0]
-  if other.ndim != 2:
-    raise ValueError(f"{where}: 'other' must be one channel (H, W) or "
-                     f"(H, W, 1); got shape {other.shape}.")
-  if other.shape != rgb.shape[:2]:
-    raise ValueError(
-        f"{where}: image sizes differ: rgb {rgb.shape[:2]} vs other "
-        f"{other.shape}; paired images must be co-registered (same H, W).")
-
-
-def _decode_text(x: Any) -> str:
-  return x.decode("utf-8") if isinstance(x, bytes) else str(x)
-
-
-def _synthetic_convert(raw: Record, index: int) -> Record:
+def _synthetic_convert(raw: records.Record, index: int) -> records.Record:
   return {"rgb": raw["rgb"], "other": raw["depth"],
           "label": int(raw["label"]), "index": index,
-          "caption": _decode_text(raw["caption"])}
+          "caption": records.decode_text(raw["caption"])}
 
 
 def synthetic_builder(data_dir: str, config: Any = None):
   """The synthetic RGB-D TFDS builder for `config` (name or config object)."""
-  from edgevl_jax.data.synthetic_rgbd import synthetic_rgbd_dataset_builder as sb  # pylint: disable=g-import-not-at-top
+  sb = synthetic_rgbd_dataset_builder
   config = config or sb.Builder.DEFAULT_CONFIG_NAME
   names = [c.name for c in sb.Builder.BUILDER_CONFIGS]
   if isinstance(config, str) and config not in names:
@@ -121,18 +43,10 @@ def synthetic_builder(data_dir: str, config: Any = None):
                     file_format="array_record")
 
 
-def _tfds_split(builder, split: str, name: str):
-  """builder.as_data_source()[split] with a clear error for a bad split."""
-  splits = builder.as_data_source()
-  if split not in splits:
-    raise ValueError(f"Dataset {name!r} has no split {split!r}; expected one "
-                     f"of {sorted(splits)}.")
-  return splits[split]
-
-
 def load_split(name: str, split: str, *, data_dir: str,
                config: Any = None,
-               on_source_change: str = "error") -> PairedSource:
+               on_source_change: str = "error",
+               rgb_resample: str = "area") -> records.PairedSource:
   """Random-access source of one split, preparing the dataset if needed.
 
   Args:
@@ -147,32 +61,23 @@ def load_split(name: str, split: str, *, data_dir: str,
     on_source_change: scannet / sun_rgbd / nyuv2 only: 'error' (default)
       refuses a prepared copy whose source folder changed since; 'reprepare'
       prepares it again (see local_rgbd.py).
+    rgb_resample: scannet only: how its 1296 x 968 colour frames are resized
+      to the 640 x 480 depth size on reading: 'area' (default), 'bilinear'
+      or 'nearest' (what the reference code does).
 
   Returns:
-    A PairedSource of standard records (module docstring).
+    A PairedSource of standard records (records.py).
   """
   info = info_lib.get_info(name)
   if name == "synthetic_rgbd":
     builder = synthetic_builder(data_dir, config)
     builder.download_and_prepare()
-    return PairedSource(_tfds_split(builder, split, name), _synthetic_convert,
-                        info=info, split=split)
+    return records.PairedSource(
+        records.tfds_split(builder, split, name), _synthetic_convert,
+        info=info, split=split)
   if name == "eurosat":
-    from edgevl_jax.data import eurosat  # pylint: disable=g-import-not-at-top
     return eurosat.load_split(split, data_dir=data_dir)
-  from edgevl_jax.data import local_rgbd  # pylint: disable=g-import-not-at-top
-  return local_rgbd.load_split(name, split, data_dir=data_dir,
-                               source_dir=config,
-                               on_source_change=on_source_change)
-
-
-def tfds_data_source(name: str, split: str, data_dir: str):
-  """`tfds.data_source` with the error turned into one that names the fix."""
-  try:
-    return tfds.data_source(name, split=split, data_dir=data_dir)
-  except Exception as e:  # TFDS raises several types for a missing dataset.
-    raise ValueError(
-        f"Could not open TFDS dataset {name!r} split {split!r} under "
-        f"data_dir={data_dir!r} ({type(e).__name__}: {e}). Prepare it first "
-        "(e.g. `tfds build` with the 'prepare' extra installed) or point "
-        "data_dir at a folder that holds it.") from e
+  return local_rgbd.load_split(LOCAL_BUILDERS[name], split,
+                               data_dir=data_dir, source_dir=config,
+                               on_source_change=on_source_change,
+                               rgb_resample=rgb_resample)

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 
-from etils import epath
 import numpy as np
 from PIL import Image
+from sklearn import datasets
+from sklearn import model_selection
 import tensorflow_datasets as tfds
+
+from edgevl_jax.data import tfds_builder
 
 IMAGE_SIZE = 32
 NUM_CLASSES = 10
@@ -26,8 +29,6 @@ _RAW = tfds.features.Encoding.BYTES
 
 def _split_indices() -> dict[str, np.ndarray]:
   """Stratified, deterministic train/test indices into `load_digits`."""
-  from sklearn import datasets  # pylint: disable=g-import-not-at-top
-  from sklearn import model_selection  # pylint: disable=g-import-not-at-top
   labels = datasets.load_digits().target
   train, test = model_selection.train_test_split(
       np.arange(len(labels)), test_size=TEST_FRACTION, stratify=labels,
@@ -43,17 +44,12 @@ def _to_rgb32(image8: np.ndarray) -> np.ndarray:
   return np.repeat(up[:, :, None], 3, axis=2)
 
 
-class Builder(tfds.core.GeneratorBasedBuilder):
+class Builder(tfds_builder.OwnCodePath,
+              tfds.core.GeneratorBasedBuilder):
   """scikit-learn digits, upsampled to 32 x 32 x 3."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "8x8 digits upsampled to 32x32x3, 80/20 split."}
-
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    # TFDS would resolve this through importlib_resources; the file is enough.
-    return epath.Path(__file__)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -77,7 +73,6 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             for name, idx in _split_indices().items()}
 
   def _generate_examples(self, indices: np.ndarray):
-    from sklearn import datasets  # pylint: disable=g-import-not-at-top
     digits = datasets.load_digits()
     for i in indices:
       yield int(i), {"image": _to_rgb32(digits.images[i]),

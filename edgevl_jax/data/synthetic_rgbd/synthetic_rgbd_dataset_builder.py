@@ -8,10 +8,10 @@ stored raw (uint8 RGB, uint16 millimetre depth) in array_record files, so
 """
 import dataclasses
 
-from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
+from edgevl_jax.data import tfds_builder
 from edgevl_jax.data.synthetic_rgbd import geometry
 from edgevl_jax.data.synthetic_rgbd import render
 
@@ -60,7 +60,8 @@ def make_config(*, image_size: int, num_train: int, num_validation: int,
       seed=seed, depth_holes=depth_holes)
 
 
-class Builder(tfds.core.GeneratorBasedBuilder):
+class Builder(tfds_builder.OwnCodePath,
+              tfds.core.GeneratorBasedBuilder):
   """Rendered RGB-D scenes whose class is carried by geometry only."""
 
   VERSION = tfds.core.Version("1.1.0")
@@ -81,13 +82,6 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                           num_test=48),
   ]
   DEFAULT_CONFIG_NAME = "demo"
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    # TFDS resolves this through importlib_resources, which it does not
-    # install; the file path is all it needs.
-    return epath.Path(__file__)
-
   def _info(self) -> tfds.core.DatasetInfo:
     size = self.builder_config.image_size
     return tfds.core.DatasetInfo(
