@@ -20,7 +20,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import torch
 from torch import nn as tnn
@@ -29,7 +28,8 @@ import torch.nn.functional as F
 from edgevl_jax.models import generator as generator_lib
 from edgevl_jax.models import multihead
 from edgevl_jax.models import students
-from edgevl_jax.train import datafree_kd
+from edgevl_jax.datafree import iteration as datafree_kd
+from edgevl_jax.run import registry
 from edgevl_jax.run import mesh as mesh_lib
 
 
@@ -202,15 +202,15 @@ def torch_iteration_fn(batch, num_classes, nz=256):
 # ------------------------------------ JAX ------------------------------------
 def jax_iteration_fn(batch, num_classes):
   """Returns a closure running one jitted JAX iteration (blocking)."""
-  config = ml_collections.ConfigDict(dict(
-      seed=0, batch_size=batch, epochs=300, iters_per_epoch=50,
+  config = registry.job_config(
+      "datafree_kd", seed=0, batch_size=batch, epochs=300, iters_per_epoch=50,
       student_steps=5,
       student_optim=dict(name="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4,
                          schedule="step", milestones=(100, 200)),
       generator_optim=dict(name="adam", lr=1e-3, schedule="step",
                            milestones=(100, 200)),
       generator=dict(image_size=32),
-      loss=dict(w_feat=0.2, w_ens=5.0, w_bn=0.1, bn_first_weight=5.0)))
+      loss=dict(w_feat=0.2, w_ens=5.0, w_bn=0.1, bn_first_weight=5.0))
   mesh = mesh_lib.make_mesh()
   teacher = students.build("resnet34", embed_dim=num_classes, cifar_stem=True,
                            image_size=32)

@@ -5,7 +5,7 @@ r"""Stage-1 (dual-modality KD) training throughput: JAX vs plain PyTorch.
 
 One step = frozen teacher forward on the RGB half + student forward/backward
 on [other; rgb] (2B images) + AdamW update, at 224 px fp32, jitted. The JAX
-step is the trainer's own (`train.dual_modality_kd.make_train_step`); with the
+step is the trainer's own (`jobs.dual_modality_kd.make_train_step`); with the
 teacher-embedding cache the batch carries the teacher embeddings and only the
 student runs. The PyTorch reference does the same arithmetic with
 `transformers.CLIPVisionModelWithProjection` (teacher, no_grad) and
@@ -34,7 +34,7 @@ from edgevl_jax.edgevl import handoff
 from edgevl_jax.export import size as size_lib
 from edgevl_jax.models import clip
 from edgevl_jax.models import students
-from edgevl_jax.train import dual_modality_kd as kd
+from edgevl_jax.jobs import dual_modality_kd as kd
 from edgevl_jax.run import mesh as mesh_lib
 from edgevl_jax.run import optim as optim_lib
 from edgevl_jax.run import state as state_lib
@@ -106,7 +106,7 @@ def jax_steps(a: argparse.Namespace) -> dict[str, Any]:
   tx = optim_lib.make_optimizer(ml_collections.ConfigDict(OPTIM), 1000)
   state, _ = state_lib.create_train_state(
       lambda k: model.init(k, rgb[:1]), tx, jax.random.key(1), mesh=mesh,
-      rules=kd.REPLICATED_RULES)
+      rules=mesh_lib.REPLICATED_RULES)
   norm = handoff.normalizer("clip")
   step = jax.jit(kd.make_train_step(model, teacher, kind="l1", mode="both",
                                     t_norm=norm, s_norm=norm))

@@ -102,7 +102,8 @@ def test_features_and_evaluator(tmp_path):
 @pytest.mark.slow
 def test_cka_trainer_writes_heatmaps(tmp_path):
   import importlib.util
-  from edgevl_jax.train import cka as cka_trainer
+  from edgevl_jax import main as main_lib
+  from edgevl_jax.run import registry
   spec = importlib.util.spec_from_file_location(
       "cka_config", os.path.join(REPO, "configs", "cka.py"))
   cfg_mod = importlib.util.module_from_spec(spec)
@@ -123,7 +124,7 @@ def test_cka_trainer_writes_heatmaps(tmp_path):
       f"student={tmp_path / 'student'}")
   _tiny_clip_folder(str(tmp_path / "clip"))
   work = str(tmp_path / "run")
-  report = cka_trainer.train_and_evaluate(config, work)
+  report = main_lib.run(config, work)
   for name in ("cka.json", "cka_rgb.png", "cka_depth.png", "report.json",
                "metrics.jsonl"):
     assert os.path.exists(os.path.join(work, name)), name
@@ -135,7 +136,7 @@ def test_cka_trainer_writes_heatmaps(tmp_path):
   bad = ml_collections.ConfigDict(config.to_dict())
   bad.num_minibatches = 16
   with pytest.raises(ValueError, match="num_minibatches"):
-    cka_trainer.validate_config(bad)
+    registry.validate(bad)
 
 
 @pytest.mark.slow

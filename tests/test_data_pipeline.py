@@ -6,8 +6,8 @@ import pytest
 
 from edgevl_jax import data
 from edgevl_jax.data import transforms
-from edgevl_jax.train import checkpoint as checkpoint_lib
-from edgevl_jax.train import mesh as mesh_lib
+from edgevl_jax.run import checkpoint as checkpoint_lib
+from edgevl_jax.run import mesh as mesh_lib
 
 
 @pytest.fixture(scope="module")

@@ -93,7 +93,8 @@ import ml_collections  # noqa: E402
 from edgevl_jax.models import multihead  # noqa: E402
 from edgevl_jax.models import students  # noqa: E402
 from edgevl_jax.models import generator as generator_lib  # noqa: E402
-from edgevl_jax.train import datafree_kd  # noqa: E402
+from edgevl_jax.datafree import iteration as datafree_kd  # noqa: E402
+from edgevl_jax.datafree import teachers as teachers_lib  # noqa: E402
 from edgevl_jax.run import mesh as mesh_lib  # noqa: E402
 
 _TRUNK = dict(stage_sizes=(1, 1, 1, 1), widths=(4, 8, 8, 16), stem_width=4,
@@ -104,7 +105,7 @@ _K = 4
 def _setup(batch_size=16, **loss):
   config = ml_collections.ConfigDict(dict(
       seed=0, batch_size=batch_size, epochs=4, iters_per_epoch=5,
-      student_steps=5,
+      student_steps=5, fused_iteration=None,
       student_optim=dict(name="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4,
                          schedule="step", milestones=(3,)),
       generator_optim=dict(name="adam", lr=1e-3, schedule="step",
@@ -165,7 +166,7 @@ def test_short_run_raises_agreement_with_teachers():
                                       nz=16)
   z = jax.random.normal(jax.random.key(7), (128, gen.nz))
   images = generator_lib.sample(gen, state.generator.variables, z)
-  t_logits, _, _ = datafree_kd.teachers_forward(teacher, teachers, images)
+  t_logits, _, _ = teachers_lib.teachers_forward(teacher, teachers, images)
   t_class = np.asarray(jnp.argmax(jnp.mean(t_logits, 0), -1))
 
   def agreement(s):

@@ -160,7 +160,7 @@ def test_branch_trains_to_teacher_logits():
 
 def test_distill_classifier_student_and_loss_terms():
   import ml_collections
-  from edgevl_jax.train import distill_classifier
+  from edgevl_jax.jobs import distill_classifier
   config = ml_collections.ConfigDict(dict(
       student=dict(name="vit_ti16", overrides=dict(
           image_size=16, patch_size=4, width=16, depth=4, num_heads=2,

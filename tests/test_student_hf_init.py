@@ -15,7 +15,9 @@ import torch
 import transformers as tr
 
 from edgevl_jax.edgevl import handoff
-from edgevl_jax.train import dual_modality_kd as kd
+from edgevl_jax.edgevl import student_spec as kd
+from edgevl_jax.run import config as config_lib
+from edgevl_jax.run import mesh as mesh_lib
 from edgevl_jax.run import mesh as mesh_lib
 from edgevl_jax.run import optim as optim_lib
 from edgevl_jax.run import state as state_lib
@@ -59,7 +61,7 @@ def _initial_params(config):
       dict(name="adamw", lr=1e-3, schedule="constant")), 10)
   state, _ = state_lib.create_train_state(
       init_fn, tx, jax.random.key(0), mesh=mesh_lib.make_mesh(),
-      rules=kd.REPLICATED_RULES)
+      rules=mesh_lib.REPLICATED_RULES)
   return meta, model, jax.device_get(state.params)
 
 
@@ -102,6 +104,9 @@ def test_initial_params_are_the_checkpoint(hf_vit):
 def test_missing_key_or_empty_trains_from_scratch(hf_vit):
   config = _config("")
   del config.student["hf_path"]
+  # A config without the key gets the schema default '' (from scratch).
+  config.student = config_lib.build(kd.SCHEMA, config.student)
+  assert config.student.hf_path == ""
   kd.validate_student(config)
   meta = kd.student_meta(config, D)
   assert meta["overrides"] == dict(MATCHING)

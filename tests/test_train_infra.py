@@ -24,9 +24,9 @@ from edgevl_jax.run import config as config_lib  # noqa: E402
 from edgevl_jax.run import loop  # noqa: E402
 from edgevl_jax.run import mesh as mesh_lib  # noqa: E402
 from edgevl_jax.run import metrics as metrics_lib  # noqa: E402
-from edgevl_jax.train import pipeline  # noqa: E402
 from edgevl_jax.run import registry  # noqa: E402
-from edgevl_jax.run import optim as optim_lib
+from edgevl_jax.run import optim as optim_lib  # noqa: E402
+from edgevl_jax.run import plots  # noqa: E402
 from edgevl_jax.run import state as state_lib  # noqa: E402
 from tests import toy_trainer  # noqa: E402
 
@@ -201,8 +201,8 @@ def test_metric_writer_report_and_plots(tmp_path):
   assert json.loads((tmp_path / 'report.json').read_text()) == {
       'zero_shot': {'teacher': {'rgb': 0.5}}}
   assert not [p for p in tmp_path.iterdir() if p.name.startswith('.tmp-')]
-  png = metrics_lib.plot_curves(tmp_path / 'metrics.jsonl', tmp_path / 'c.png')
-  bars = metrics_lib.plot_accuracy_table(
+  png = plots.plot_curves(tmp_path / 'metrics.jsonl', tmp_path / 'c.png')
+  bars = plots.plot_accuracy_table(
       {'teacher': {'rgb': 0.9, 'depth': 0.3},
        'student_int8': {'rgb': 0.8, 'depth': 0.7}}, tmp_path / 'acc.png')
   assert os.path.getsize(png) > 1000 and os.path.getsize(bars) > 1000
@@ -229,13 +229,22 @@ def test_parse_arg_and_require():
 
 
 def test_registry_resolves_and_rejects():
-  assert registry.get_trainer('tests.toy_trainer') is toy_trainer
+  assert registry.get_job('tests.toy_trainer') is toy_trainer
   assert registry.module_name('dual_modality_kd') == (
-      'edgevl_jax.train.dual_modality_kd')
-  with pytest.raises(ValueError, match="no module 'edgevl_jax.train.nope'"):
-    registry.get_trainer('nope')
-  with pytest.raises(ValueError, match='has no train_and_evaluate'):
-    registry.get_trainer('edgevl_jax.train.mesh')
+      'edgevl_jax.jobs.dual_modality_kd')
+  # Old names of the previous layout keep working for one release.
+  assert registry.module_name('evaluate') == 'edgevl_jax.jobs.zero_shot_eval'
+  assert registry.module_name('export_stage') == 'edgevl_jax.jobs.export'
+  with pytest.raises(ValueError, match="config.trainer='nope' is not a job"):
+    registry.get_job('nope')
+  with pytest.raises(ValueError, match='needs defaults'):
+    registry.get_job('edgevl_jax.run.mesh')
+  # Every job's schema has the run keys and its own, each documented.
+  for job in registry.JOBS:
+    schema = registry.schema(job)
+    assert {'seed', 'log_every', 'max_to_keep', 'mesh'} <= set(schema)
+    lines = config_lib.describe(schema)
+    assert all('  # ' in line and not line.endswith('# ') for line in lines)
 
 
 def _pipeline_config():
@@ -251,7 +260,7 @@ def _pipeline_config():
 def test_pipeline_runs_stages_resolves_references_and_skips_on_rerun(
     tmp_path):
   config = _pipeline_config()
-  report = pipeline.train_and_evaluate(config, str(tmp_path))
+  report = toy_trainer.train_and_evaluate(config, str(tmp_path))
   assert set(report['stages']) == {'first', 'second'}
   assert report['steps'] == 6  # later stage wins in the merged report
   assert report['seconds']['first'] > 0 and report['seconds']['second'] > 0
@@ -259,7 +268,7 @@ def test_pipeline_runs_stages_resolves_references_and_skips_on_rerun(
                      .read_text())
   assert saved['seed'] == 4
   lines = (tmp_path / '0_first' / 'metrics.jsonl').read_text()
-  rerun = pipeline.train_and_evaluate(config, str(tmp_path))
+  rerun = toy_trainer.train_and_evaluate(config, str(tmp_path))
   assert (tmp_path / '0_first' / 'metrics.jsonl').read_text() == lines
   assert rerun['seconds'] == report['seconds']
   assert rerun['stages'] == report['stages']
@@ -274,7 +283,7 @@ def test_pipeline_validation_names_the_bad_stage():
   config.stages[1].seed = '@later/steps'
   with pytest.raises(ValueError, match=r"stages\[1\]\.seed='@later/steps' "
                      "refers to stage 'later'"):
-    pipeline.validate_config(config)
+    registry.validate(config)
   config = _pipeline_config()
   config.stages[0].num_steps = 0
   with pytest.raises(ValueError, match=r'stages\[0\] \(first\): config\.'

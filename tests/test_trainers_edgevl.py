@@ -13,11 +13,13 @@ from edgevl_jax.edgevl import handoff
 from edgevl_jax.edgevl import zero_shot
 from edgevl_jax.models import clip
 from edgevl_jax.models import students
-from edgevl_jax.train import clip_pretrain
-from edgevl_jax.train import dual_modality_kd as kd
+from edgevl_jax.jobs import clip_pretrain
+from edgevl_jax.jobs import dual_modality_kd as kd
 from edgevl_jax.run import mesh as mesh_lib
-from edgevl_jax.train import pseudo_labels
-from edgevl_jax.train import qat_contrastive
+from edgevl_jax.edgevl import clip_teacher
+from edgevl_jax.edgevl import curation
+from edgevl_jax.jobs import qat_contrastive
+from edgevl_jax.run import registry
 from edgevl_jax.run import optim as optim_lib
 from edgevl_jax.run import state as state_lib
 
@@ -39,7 +41,7 @@ def mesh():
 
 @pytest.fixture(scope="module")
 def teacher():
-  model = clip.CLIP(config=clip_pretrain.build_hf_config(
+  model = clip.CLIP(config=clip_teacher.build_hf_config(
       TINY_CLIP, image_size=S, vocab_size=300))
   return model, clip.init_params(model, jax.random.key(0))
 
@@ -56,7 +58,7 @@ def _run(step, state, batch, n, extra=()):
   return state, losses
 
 
-def _student_state(mesh, model, params=None, rules=kd.REPLICATED_RULES):
+def _student_state(mesh, model, params=None, rules=mesh_lib.REPLICATED_RULES):
   tx = optim_lib.make_optimizer(OPTIM, 100)
   init = (lambda k: model.init(k, jnp.zeros((1, S, S, 3)))) if params is None \
       else (lambda k: {"params": params})
@@ -161,7 +163,7 @@ def test_qat_online_step_loss_falls(mesh):
 
 def test_curate_keeps_most_confident():
   p = np.array([[0.9, 0.1], [0.3, 0.7], [0.5, 0.5], [0.2, 0.8]])
-  kept, labels, conf = pseudo_labels.curate(p, 0.5)
+  kept, labels, conf = curation.curate(p, 0.5)
   np.testing.assert_array_equal(kept, [0, 3])
   np.testing.assert_array_equal(labels, [0, 1, 0, 1])
   np.testing.assert_allclose(conf, [0.9, 0.7, 0.5, 0.8])
@@ -178,7 +180,7 @@ def test_topk_accuracy_hand_computed():
 
 def _kd_config(**overrides):
   c = ml_collections.ConfigDict(dict(
-      dataset="synthetic_rgbd", data_dir="/tmp/x",
+      trainer="dual_modality_kd", dataset="synthetic_rgbd", data_dir="/tmp/x",
       teacher="@clip_pretrain/teacher_path", seed=0, eval_batch_size=8,
       image_size=S, batch_size=8, num_steps=2, eval_every=2,
       teacher_normalization="clip", kd_loss="l1", student_inputs="both",
@@ -190,39 +192,47 @@ def _kd_config(**overrides):
 
 
 def test_validate_config_names_bad_keys():
-  kd.validate_config(_kd_config())
+  registry.validate(_kd_config())
   with pytest.raises(ValueError, match="student_inputs"):
-    kd.validate_config(_kd_config(student_inputs="depth_only"))
+    registry.validate(_kd_config(student_inputs="depth_only"))
   with pytest.raises(ValueError, match="kd_loss"):
-    kd.validate_config(_kd_config(kd_loss="huber"))
+    registry.validate(_kd_config(kd_loss="huber"))
   bad = _kd_config()
   bad.student.overrides.image_size = 32
   with pytest.raises(ValueError, match="image_size"):
-    kd.validate_config(bad)
+    registry.validate(bad)
+  with pytest.raises(ValueError, match=r"config\.kd_los is not a key of "
+                     "this job"):
+    registry.validate(_kd_config(kd_los="l2"))
   q = ml_collections.ConfigDict(dict(
-      dataset="synthetic_rgbd", data_dir="/x", init_from="@kd/workdir",
+      trainer="qat_contrastive", dataset="synthetic_rgbd", data_dir="/x", init_from="@kd/workdir",
       teacher="@t/teacher_path", seed=0, eval_batch_size=8,
       pseudo_labels="/p", image_size=S, batch_size=8, num_steps=2,
       eval_every=2, max_negatives=3, margin=0.3, mining="online",
       mining_space="unnormalized", quant="int8", optim=OPTIM.to_dict()))
   with pytest.raises(ValueError, match="mining_space"):
-    qat_contrastive.validate_config(q)
+    registry.validate(q)
 
 
 def test_demo_config_validates_every_stage():
-  from edgevl_jax.train import pipeline
   import importlib.util
   spec = importlib.util.spec_from_file_location("demo_cfg", "configs/demo.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   for arg in (None, "quick"):
     config = module.get_config(arg)
-    pipeline.validate_config(config)
+    registry.validate(config)
     names = [s.name for s in config.stages]
     assert names == ["clip_pretrain", "pseudo_labels", "dual_modality_kd",
                      "qat_contrastive", "evaluate", "export"]
   config = module.get_config("seed=7")
   assert all(s.seed == 7 for s in config.stages)
+  # One stage by name, through the CLI spelling --config.stages.NAME.key.
+  from edgevl_jax import main as main_lib
+  argv = main_lib.stage_names_to_indices(
+      ["main", "--config=configs/demo.py:quick",
+       "--config.stages.qat_contrastive.num_steps=3"])
+  assert argv[-1] == "--config.stages[3].num_steps=3"
   with pytest.raises(ValueError, match="Unknown config arg"):
     module.get_config("epochs=3")
 

@@ -1,15 +1,14 @@
-"""A tiny test-only trainer and its config (`--config=tests/toy_trainer.py`).
+"""A tiny test-only job and its config (`--config=tests/toy_trainer.py`).
 
 A 2-layer MLP regresses a fixed random linear map on a deterministic numpy
-stream whose position is checkpointed. Exercises every infrastructure piece
-(mesh, sharded state, optimiser, Checkpointer, MetricWriter, loop.fit) in a
-few seconds. Test hooks (environment variables, so that they do not change
+stream whose position is checkpointed. A job like the real ones (defaults()
++ build() -> TrainSpec), so it exercises the runner (mesh, sharded state,
+optimiser, Checkpointer, MetricWriter, loop.fit) in a few seconds. Test hooks (environment variables, so that they do not change
 the saved config): TOY_SIGKILL_AT_STEP kills the process with SIGKILL when
 the batch of that step is drawn.
 """
 from __future__ import annotations
 
-import functools
 import os
 import signal
 from typing import Any
@@ -22,37 +21,35 @@ import numpy as np
 import optax
 
 from edgevl_jax.models import layers
-from edgevl_jax.run import checkpoint as checkpoint_lib
 from edgevl_jax.run import config as config_lib
-from edgevl_jax.run import loop
 from edgevl_jax.run import mesh as mesh_lib
-from edgevl_jax.run import metrics as metrics_lib
 from edgevl_jax.run import optim as optim_lib
+from edgevl_jax.run import registry
+from edgevl_jax.run import runner
 from edgevl_jax.run import state as state_lib
 
 DIM = 8
 
 
+def defaults() -> config_lib.Schema:
+  f = config_lib.field
+  return {'batch_size': f(16, 'examples per step'),
+          'hidden': f(32, 'hidden width'),
+          'num_steps': f(60, 'optimiser steps'),
+          'nan_at_step': f(-1, 'inject NaN into that step\'s batch'),
+          'optim': optim_lib.OPTIM_SCHEMA}
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = config_lib.parse_arg(arg, steps=60, nan_at_step=-1)
-  config = ml_collections.ConfigDict()
-  config.trainer = 'tests.toy_trainer'
-  config.seed = 0
-  config.num_steps = args.steps
-  config.batch_size = 16
-  config.hidden = 32
-  config.log_every = 5
-  config.ckpt_every = 10
-  config.max_to_keep = 2
-  config.nan_at_step = args.nan_at_step  # inject NaN into that step's batch
-  config.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1})
-  config.optim = ml_collections.ConfigDict(dict(
-      name='adamw', lr=3e-3, end_lr=1e-4, weight_decay=1e-2,
-      grad_clip_norm=1.0, warmup_steps=0))
-  return config
+  return registry.job_config(
+      'tests.toy_trainer', num_steps=args.steps, log_every=5, ckpt_every=10,
+      max_to_keep=2, nan_at_step=args.nan_at_step, progress=False,
+      optim=dict(name='adamw', lr=3e-3, end_lr=1e-4, weight_decay=1e-2,
+                 grad_clip_norm=1.0, warmup_steps=0))
 
 
-def validate_config(config: Any) -> None:
+def validate(config: Any) -> None:
   config_lib.require_positive(config, 'num_steps', integer=True)
   config_lib.require_positive(config, 'batch_size', integer=True)
   config_lib.require_positive(config, 'hidden', integer=True)
@@ -123,7 +120,7 @@ def setup(config: Any, mesh: jax.sharding.Mesh):
   tx = optim_lib.make_optimizer(config.optim, config.num_steps)
   state, shardings = state_lib.create_train_state(
       lambda k: model.init(k, jnp.zeros((1, DIM))), tx,
-      jax.random.PRNGKey(config.seed), mesh=mesh)
+      jax.random.key(config.seed), mesh=mesh)
   step = mesh_lib.jit_sharded(
       make_train_step(model),
       in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
@@ -132,17 +129,18 @@ def setup(config: Any, mesh: jax.sharding.Mesh):
   return model, state, shardings, step
 
 
+def build(config: Any, ctx: runner.Context) -> runner.TrainSpec:
+  model = ToyModel(config.hidden)
+  return runner.TrainSpec(
+      init=lambda k: model.init(k, jnp.zeros((1, DIM))),
+      step=make_train_step(model), num_steps=config.num_steps,
+      batches=NumpyStream(config.seed, config.batch_size, config.nan_at_step),
+      report=lambda state, summary: {'final_loss': summary['loss'],
+                                     'steps': int(state.step)})
+
+
 def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
-  mesh = mesh_lib.make_mesh(config.mesh)
-  _, state, _, step = setup(config, mesh)
-  stream = NumpyStream(config.seed, config.batch_size, config.nan_at_step)
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                                     max_to_keep=config.max_to_keep)
-  with ckpt, metrics_lib.MetricWriter(workdir, total_steps=config.num_steps,
-                                      progress=False) as writer:
-    state, summary = loop.fit(
-        state, step, stream, num_steps=config.num_steps, checkpointer=ckpt,
-        writer=writer, log_every=config.log_every,
-        ckpt_every=config.ckpt_every,
-        prepare_batch=functools.partial(mesh_lib.shard_batch, mesh=mesh))
-  return {'final_loss': summary['loss'], 'steps': int(state.step)}
+  """Runs the job in this process, as `main.run` does (no lock, no
+  config.json)."""
+  job, config = registry.validate(config)
+  return runner.execute(job, runner.Context(workdir, config))
