@@ -82,12 +82,13 @@ def _params(folder):
   if ckpt.exists():
     with checkpoint_lib.Checkpointer(ckpt) as c:
       final = c.latest_step()
-    for collection in ('params', 'model_state'):
+      collections = sorted(c.item_metadata(final))
+    for collection in collections:  # the whole saved state
       tree = checkpoint_lib.load_params(folder, step=final,
                                         collection=collection)
-      flat = flax.traverse_util.flatten_dict(tree, sep='/') if tree else {}
-      out.update({f'ckpt/{collection}/{k}': np.asarray(v)
-                  for k, v in flat.items()})
+      for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        out[f'ckpt/{collection}{jax.tree_util.keystr(path)}'] = (
+            np.asarray(leaf))
   student = folder / 'student_params.msgpack'
   if student.exists():
     tree = flax.serialization.msgpack_restore(student.read_bytes())
