@@ -20,7 +20,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import torch
 from torch import nn as tnn
 import torch.nn.functional as F

@@ -18,7 +18,6 @@ import portpicker
 import pytest
 
 from edgevl_jax.data import sources
-from edgevl_jax.edgevl import splits
 from edgevl_jax.run import checkpoint as checkpoint_lib
 from edgevl_jax.run import metrics as metrics_lib
 
@@ -62,7 +61,7 @@ def _prepare_data(data_dir):
   demo = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(demo)
   sources.load_split("synthetic_rgbd", "test", data_dir=str(data_dir),
-                     config=splits.data_config(demo.QUICK_DATA))
+                     config=demo.QUICK_DATA)
 
 
 @pytest.mark.slow

@@ -11,7 +11,6 @@ run: every saved parameter, every logged loss and metric, report.json.
 import json
 import os
 import pathlib
-import shutil
 import signal
 import subprocess
 import sys
@@ -116,6 +115,24 @@ def assert_same_run(reference, resumed):
       assert np.array_equal(have[key], value), (name, key)
 
 
+def assert_runner_outputs(workdir):
+  """Every training run (a folder with checkpoints/) has the runner's
+  outputs, whatever the job: metrics.jsonl logged at the same cadence keys,
+  TensorBoard events, loss.png; and its job folder has report.json."""
+  runs = [p.parent for p in workdir.rglob('checkpoints')
+          if p.is_dir() and '.corrupt' not in str(p)]
+  assert runs
+  for run in runs:
+    records = metrics_lib.read_jsonl(run / 'metrics.jsonl')
+    train = [r for r in records if any('loss' in k for k in r)]
+    assert train and all({'step', 'steps_per_sec'} <= set(r) for r in train)
+    assert any(f.name.startswith('events.out.tfevents')
+               for f in (run / 'tb').iterdir()), run
+    assert (run / 'loss.png').stat().st_size > 0, run
+    job = run if (run / 'report.json').exists() else run.parent
+    assert (job / 'report.json').exists(), run
+
+
 def run_chain(tmp_path, config, overrides, faults, move_after=None):
   """Uninterrupted run + the fault chain; asserts they are identical.
 
@@ -127,6 +144,7 @@ def run_chain(tmp_path, config, overrides, faults, move_after=None):
   reference = tmp_path / 'reference'
   run = _run(config, reference, overrides, cache=cache)
   assert run.returncode == 0, run.stderr[-3000:]
+  assert_runner_outputs(reference)
   chain = tmp_path / 'chain'
   for i, fault in enumerate(faults + ['']):
     run = _run(config, chain, overrides, fault, cache=cache)

@@ -18,7 +18,6 @@ from edgevl_jax.edgevl import handoff
 from edgevl_jax.edgevl import student_spec as kd
 from edgevl_jax.run import config as config_lib
 from edgevl_jax.run import mesh as mesh_lib
-from edgevl_jax.run import mesh as mesh_lib
 from edgevl_jax.run import optim as optim_lib
 from edgevl_jax.run import state as state_lib
 

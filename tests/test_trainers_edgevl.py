@@ -1,5 +1,4 @@
 """EdgeVL trainer steps on tiny models: losses fall, shapes and trees hold."""
-import functools
 
 import flax.linen as nn
 import jax

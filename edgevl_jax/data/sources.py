@@ -5,6 +5,7 @@ per-dataset loaders, and none of them imports it back (the record format
 they share lives in records.py), so the package has no import cycle.
 Every source yields the standard records described in records.py.
 """
+import re
 from typing import Any
 
 from edgevl_jax.data import eurosat
@@ -31,10 +32,21 @@ def _synthetic_convert(raw: records.Record, index: int) -> records.Record:
           "caption": records.decode_text(raw["caption"])}
 
 
+# 'custom_<size>px_<train>_<val>_<test>': a synthetic config of that size
+# (seed 0), so run configs name any size with a plain string.
+_CUSTOM = re.compile(r"^custom_(\d+)px_(\d+)_(\d+)_(\d+)$")
+
+
 def synthetic_builder(data_dir: str, config: Any = None):
-  """The synthetic RGB-D TFDS builder for `config` (name or config object)."""
+  """The synthetic RGB-D TFDS builder for `config` (name or config object,
+  or 'custom_<size>px_<train>_<val>_<test>')."""
   sb = synthetic_rgbd_dataset_builder
   config = config or sb.Builder.DEFAULT_CONFIG_NAME
+  match = _CUSTOM.match(config) if isinstance(config, str) else None
+  if match:
+    size, train, val, test = (int(g) for g in match.groups())
+    config = sb.make_config(image_size=size, num_train=train,
+                            num_validation=val, num_test=test)
   names = [c.name for c in sb.Builder.BUILDER_CONFIGS]
   if isinstance(config, str) and config not in names:
     raise ValueError(f"Unknown synthetic_rgbd config {config!r}; expected "

@@ -14,19 +14,37 @@ import jax.numpy as jnp
 import numpy as np
 
 from edgevl_jax import quant
+from edgevl_jax.edgevl import checks
 from edgevl_jax.edgevl import curation
 from edgevl_jax.edgevl import handoff
 from edgevl_jax.edgevl import splits
 from edgevl_jax.run import config as config_lib
 
 f = config_lib.field
-# Keys of the jobs that calibrate (zero_shot_eval, export).
+# Keys of the jobs that calibrate a student (zero_shot_eval, export).
 SCHEMA: config_lib.Schema = {
+    **splits.DATA_SCHEMA,
+    "teacher": f("", "HF CLIP folder or a clip_pretrain workdir (text "
+                 "features)"),
+    "student": f("", "the (quantisation-aware) student workdir"),
+    "pseudo_labels": f("", "pseudo_labels workdir (calibration subset)"),
+    "image_size": f(224, "input side S"),
+    "prompt_ensemble": f(False, "all prompt templates instead of the first"),
     "calibration_batch_size": f(32, "pairs per calibration batch"),
     "calibration_batches": f(2, "calibration batches (train, curated)"),
     "crop_scale": f((0.08, 1.0), "crop scale of the calibration images"),
 }
 del f
+
+
+def validate(config: Any) -> None:
+  """The checks of a job built on SCHEMA; no compute."""
+  checks.common_edgevl(config)
+  checks.positive_ints(config, "calibration_batch_size",
+                       "calibration_batches")
+  checks.teacher_folder(config)
+  checks.student_folder(config, "student")
+  checks.student_fits_teacher(config, "student")
 
 
 def calibration_inputs(source: Any, *, normalization: str, image_size: int,

@@ -20,9 +20,17 @@ import numpy as np
 from edgevl_jax.models import clip
 from edgevl_jax.models import preprocess
 from edgevl_jax.models import students
+from edgevl_jax.run import config as config_lib
 from edgevl_jax.utils import finite
 from edgevl_jax.utils import io
 
+# The teacher keys of the EdgeVL jobs that read the teacher.
+TEACHER_SCHEMA: config_lib.Schema = {
+    "teacher": config_lib.field("", "HF CLIP folder or a clip_pretrain "
+                                "workdir"),
+    "teacher_normalization": config_lib.field(
+        "clip", "teacher input normalisation ('clip' or 'imagenet')"),
+}
 STUDENT_FILE = "student.json"
 STUDENT_PARAMS = "student_params.msgpack"
 TEACHER_DIR = "teacher"

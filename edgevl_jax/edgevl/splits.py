@@ -5,7 +5,6 @@ once, fixed batch shape so a jitted embedder compiles once).
 """
 from __future__ import annotations
 
-import re
 from typing import Any, Callable, Sequence
 
 import jax
@@ -13,30 +12,22 @@ import numpy as np
 
 from edgevl_jax import data as data_lib
 from edgevl_jax.data import sources
+from edgevl_jax.run import config as config_lib
 
-
-_CUSTOM = re.compile(r"^custom_(\d+)px_(\d+)_(\d+)_(\d+)$")
-
-
-def data_config(value: Any) -> Any:
-  """config.data_config -> the `load_split` config argument.
-
-  synthetic_rgbd also accepts 'custom_<size>px_<train>_<val>_<test>' (a
-  `make_config` of that size, seed 0), so configs stay plain strings.
-  """
-  match = _CUSTOM.match(value) if isinstance(value, str) else None
-  if not match:
-    return value or None
-  from edgevl_jax.data.synthetic_rgbd import synthetic_rgbd_dataset_builder as sb  # pylint: disable=g-import-not-at-top
-  size, train, val, test = (int(g) for g in match.groups())
-  return sb.make_config(image_size=size, num_train=train,
-                        num_validation=val, num_test=test)
+# The data keys of every EdgeVL job.
+DATA_SCHEMA: config_lib.Schema = {
+    "dataset": config_lib.field("synthetic_rgbd", "EdgeVL paired dataset"),
+    "data_dir": config_lib.field("workdirs/tfds", "TFDS data folder"),
+    "data_config": config_lib.field(
+        "", "builder config ('custom_<S>px_<train>_<val>_<test>' for the "
+        "synthetic set) or the local source folder of a real dataset"),
+}
 
 
 def load_source(config: Any, split: str) -> Any:
   """`data.load_split` for the dataset keys of an EdgeVL stage config."""
   return sources.load_split(config.dataset, split, data_dir=config.data_dir,
-                            config=data_config(config.get("data_config")))
+                            config=config.data_config or None)
 
 
 def embed_split(

@@ -32,6 +32,7 @@ from edgevl_jax.analysis import heatmap
 from edgevl_jax.edgevl import checks
 from edgevl_jax.edgevl import clip_teacher
 from edgevl_jax.edgevl import handoff
+from edgevl_jax.edgevl import splits
 from edgevl_jax.models import clip
 from edgevl_jax.models import students
 from edgevl_jax.run import config as config_lib
@@ -46,9 +47,7 @@ f = config_lib.field
 
 def defaults() -> config_lib.Schema:
   return {
-      "dataset": f("synthetic_rgbd", "EdgeVL paired dataset"),
-      "data_dir": f("workdirs/tfds", "TFDS data folder"),
-      "data_config": f("", "builder config / local source folder"),
+      **splits.DATA_SCHEMA,
       "split": f("test", "split to stream"),
       "image_size": f(32, "input side S"),
       "modalities": f(("rgb", "depth"), "'rgb' and/or the non-RGB name"),

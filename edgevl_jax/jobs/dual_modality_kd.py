@@ -47,11 +47,8 @@ f = config_lib.field
 
 def defaults() -> config_lib.Schema:
   return {
-      "dataset": f("synthetic_rgbd", "EdgeVL paired dataset"),
-      "data_dir": f("workdirs/tfds", "TFDS data folder"),
-      "data_config": f("", "builder config / local source folder"),
-      "teacher": f("", "HF CLIP folder or a clip_pretrain workdir"),
-      "teacher_normalization": f("clip", "teacher input normalisation"),
+      **splits.DATA_SCHEMA,
+      **handoff.TEACHER_SCHEMA,
       "student": student_spec.SCHEMA,
       "pseudo_labels": f("", "pseudo_labels workdir ('' = whole train "
                          "split)"),

@@ -19,7 +19,6 @@ from typing import Any
 import jax
 
 from edgevl_jax.edgevl import calibration
-from edgevl_jax.edgevl import checks
 from edgevl_jax.edgevl import handoff
 from edgevl_jax.edgevl import splits
 from edgevl_jax.export import artifact
@@ -31,33 +30,13 @@ from edgevl_jax.run import runner
 from edgevl_jax.utils import io
 
 EXPORT_DIR = "export"
-f = config_lib.field
 
 
 def defaults() -> config_lib.Schema:
-  return {
-      "dataset": f("synthetic_rgbd", "EdgeVL paired dataset"),
-      "data_dir": f("workdirs/tfds", "TFDS data folder"),
-      "data_config": f("", "builder config / local source folder"),
-      "teacher": f("", "HF CLIP folder or a clip_pretrain workdir"),
-      "student": f("", "the student workdir to export"),
-      "pseudo_labels": f("", "pseudo_labels workdir (calibration subset)"),
-      "image_size": f(224, "input side S"),
-      "prompt_ensemble": f(False, "all prompt templates instead of the "
-                           "first"),
-      **calibration.SCHEMA,
-  }
+  return dict(calibration.SCHEMA)
 
 
-
-def validate(config: Any) -> None:
-  """Names the bad key before any compute."""
-  checks.common_edgevl(config)
-  checks.positive_ints(config, "calibration_batch_size",
-                       "calibration_batches")
-  checks.teacher_folder(config)
-  checks.student_folder(config, "student")
-  checks.student_fits_teacher(config, "student")
+validate = calibration.validate
 
 
 def run(config: Any, ctx: runner.Context) -> dict[str, Any]:

@@ -48,7 +48,6 @@ The pipeline's report.json is the deep merge of the stage reports in order
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re

@@ -30,11 +30,8 @@ f = config_lib.field
 
 def defaults() -> config_lib.Schema:
   return {
-      "dataset": f("synthetic_rgbd", "EdgeVL paired dataset"),
-      "data_dir": f("workdirs/tfds", "TFDS data folder"),
-      "data_config": f("", "builder config / local source folder"),
-      "teacher": f("", "HF CLIP folder or a clip_pretrain workdir"),
-      "teacher_normalization": f("clip", "teacher input normalisation"),
+      **splits.DATA_SCHEMA,
+      **handoff.TEACHER_SCHEMA,
       "image_size": f(224, "input side S"),
       "kept_fraction": f(0.5, "most confident fraction kept, in (0, 1]"),
       "prompt_ensemble": f(False, "all prompt templates instead of the "

@@ -49,9 +49,7 @@ f = config_lib.field
 
 def defaults() -> config_lib.Schema:
   return {
-      "dataset": f("synthetic_rgbd", "EdgeVL paired dataset"),
-      "data_dir": f("workdirs/tfds", "TFDS data folder"),
-      "data_config": f("", "builder config / local source folder"),
+      **splits.DATA_SCHEMA,
       "init_from": f("", "the stage-1 (dual_modality_kd) workdir"),
       "teacher": f("", "HF CLIP folder (validation text features)"),
       "pseudo_labels": f("", "pseudo_labels workdir (positives/negatives)"),

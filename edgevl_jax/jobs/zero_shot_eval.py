@@ -35,31 +35,16 @@ f = config_lib.field
 
 def defaults() -> config_lib.Schema:
   return {
-      "dataset": f("synthetic_rgbd", "EdgeVL paired dataset"),
-      "data_dir": f("workdirs/tfds", "TFDS data folder"),
-      "data_config": f("", "builder config / local source folder"),
-      "teacher": f("", "HF CLIP folder or a clip_pretrain workdir"),
-      "teacher_normalization": f("clip", "teacher input normalisation"),
-      "student": f("", "the final (quantisation-aware) student workdir"),
-      "student_fp32": f("", "the fp32 student workdir ('' = student)"),
-      "pseudo_labels": f("", "pseudo_labels workdir (calibration subset)"),
-      "image_size": f(224, "input side S"),
-      "prompt_ensemble": f(False, "all prompt templates instead of the "
-                           "first"),
       **calibration.SCHEMA,
+      **handoff.TEACHER_SCHEMA,
+      "student_fp32": f("", "the fp32 student workdir ('' = student)"),
   }
-
 
 
 def validate(config: Any) -> None:
   """Names the bad key before any compute."""
-  checks.common_edgevl(config)
+  calibration.validate(config)
   checks.normalization(config, "teacher_normalization")
-  checks.positive_ints(config, "calibration_batch_size",
-                       "calibration_batches")
-  checks.teacher_folder(config)
-  checks.student_folder(config, "student")
-  checks.student_fits_teacher(config, "student")
   if config.student_fp32:
     checks.student_folder(config, "student_fp32")
     checks.student_fits_teacher(config, "student_fp32")

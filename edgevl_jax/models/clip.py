@@ -26,9 +26,7 @@ import numpy as np
 
 from edgevl_jax.models import layers
 from edgevl_jax.models.clip_config import ACTIVATIONS, CLIPSpec, TextConfig, TowerConfig, VisionConfig  # pylint: disable=unused-import
-from edgevl_jax.models.clip_convert import load_pretrained, save_pretrained  # pylint: disable=unused-import
-from edgevl_jax.models.clip_folder import CLIP_FOLDER_CONTENTS, check_clip_folder, check_tokenizer_fits  # pylint: disable=unused-import
-from edgevl_jax.models.clip_tokenizer import load_tokenizer, tokenize, train_tokenizer  # pylint: disable=unused-import
+from edgevl_jax.models.clip_tokenizer import tokenize  # pylint: disable=unused-import
 
 def _normal(std: float, axes: tuple[str | None, ...]) -> Callable:
   return nn.with_logical_partitioning(nn.initializers.normal(std), axes)

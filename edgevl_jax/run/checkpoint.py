@@ -24,8 +24,6 @@ optimiser) is not skipped: that is a config error, reported at once.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import os
 import time
@@ -37,26 +35,20 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from edgevl_jax.run import iterator_state
+
 STATE, DATA, EXTRAS = 'state', 'data', 'extras'
+DataIteratorHandler = iterator_state.DataIteratorHandler
+DataSave, DataRestore = iterator_state.DataSave, iterator_state.DataRestore
 # Checkpoints kept by default: two, so that a damaged newest one has a
 # fallback.
 DEFAULT_MAX_TO_KEEP = 2
 CORRUPT_SUFFIX = '.corrupt'
 
 
-class CorruptCheckpointError(ValueError):
-  """A checkpoint folder exists but cannot be read back."""
-
-
-class IncompatibleCheckpointError(ValueError):
-  """A readable checkpoint that does not fit the run's state."""
-
-
-def _one_line(error: BaseException, limit: int = 240) -> str:
-  """The first line of an error, shortened (TensorStore errors are huge)."""
-  text = str(error).strip().splitlines()[0] if str(error).strip() else ''
-  text = text or type(error).__name__
-  return text if len(text) <= limit else text[:limit] + '...'
+CorruptCheckpointError = iterator_state.CorruptCheckpointError
+IncompatibleCheckpointError = iterator_state.IncompatibleCheckpointError
+_one_line = iterator_state.one_line
 
 
 def _all_processes_agree(ok: bool) -> bool:
@@ -66,70 +58,6 @@ def _all_processes_agree(ok: bool) -> bool:
     return ok
   oks = multihost_utils.process_allgather(np.asarray(ok, np.int32))
   return bool(np.all(oks))
-
-
-class DataIteratorHandler(ocp.CheckpointHandler):
-  """Saves `iterator.get_state()` per process as JSON (dict or bytes state)."""
-
-  def _file(self, directory: epath.Path) -> epath.Path:
-    return directory / (f'process_{jax.process_index()}-of-'
-                        f'{jax.process_count()}.json')
-
-  def save(self, directory: epath.Path, args: 'DataSave') -> None:
-    state = args.item.get_state()
-    if isinstance(state, bytes):
-      record = {'kind': 'bytes', 'state': state.decode()}
-    else:
-      record = {'kind': 'json', 'state': state}
-    self._file(directory).write_text(json.dumps(record))
-
-  def restore(self, directory: epath.Path, args: 'DataRestore') -> Any:
-    path = self._file(directory)
-    if not path.exists():
-      raise ValueError(
-          f'{path} does not exist: the checkpoint was written by a run with a '
-          f'different process count or without a data iterator.')
-    try:
-      record = json.loads(path.read_text())
-      state = record['state']
-      state = state.encode() if record['kind'] == 'bytes' else state
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-      raise ValueError(f'{path} holds no readable data-iterator state '
-                       f'({_one_line(e)}).') from e
-    try:
-      args.item.set_state(state)
-    except Exception as e:  # pylint: disable=broad-except
-      # Readable state that this iterator refuses (another dataset, subset
-      # or batch size): a config change, not damage.
-      raise IncompatibleCheckpointError(
-          f'{path}: the data iterator refuses the saved position '
-          f'({_one_line(e)}); the data config changed since this checkpoint.'
-          ' Use a fresh --workdir or the config that wrote it.') from e
-    start = getattr(args.item, 'start_prefetch', None)
-    if callable(start):
-      start()
-    return args.item
-
-  def metadata(self, directory: epath.Path) -> None:
-    del directory
-
-  def finalize(self, directory: epath.Path) -> None:
-    del directory
-
-  def close(self) -> None:
-    return None
-
-
-@ocp.args.register_with_handler(DataIteratorHandler, for_save=True)
-@dataclasses.dataclass
-class DataSave(ocp.args.CheckpointArgs):
-  item: Any
-
-
-@ocp.args.register_with_handler(DataIteratorHandler, for_restore=True)
-@dataclasses.dataclass
-class DataRestore(ocp.args.CheckpointArgs):
-  item: Any
 
 
 def abstract_like(tree: Any) -> Any:

@@ -11,7 +11,7 @@ import json
 import logging
 import math
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import jax
 import numpy as np
