@@ -4,9 +4,9 @@ Two stems: the ImageNet stem (7x7/2 conv, BN, ReLU, 3x3/2 max-pool) and the
 CIFAR stem (3x3/1 conv, BN, ReLU, no pool) used for 32x32 inputs, e.g. by the
 data-free distillation students, which reuse this trunk through its stage
 outputs u1..u4. Padding is PyTorch's symmetric k // 2, so ImageNet
-checkpoints (Hugging Face `ResNetModel`, see `hf_students.py`) give the same
-numbers. Every BatchNorm is `layers.BatchNorm`, which sows its input moments
-for the data-free BN-statistics loss.
+checkpoints (Hugging Face `ResNetModel`: `from_hf_config`, `HF_MAPPING`
+below) give the same numbers. Every BatchNorm is `layers.BatchNorm`, which
+sows its input moments for the data-free BN-statistics loss.
 
 Output of `ResNet.__call__(images, train)`: a dict with
   stages: (u1, u2, u3, u4), the outputs of layer1..layer4, (B, H_i, W_i, C_i)
@@ -21,6 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from edgevl_jax.models import hf_io
+from edgevl_jax.models import hf_mapping
 from edgevl_jax.models import layers
 from edgevl_jax.models.heads import check_images
 
@@ -113,3 +115,34 @@ class ResNet(nn.Module):
                            x, train=train)
       stages.append(x)
     return {"stages": tuple(stages), "pooled": jnp.mean(x, axis=(1, 2))}
+
+
+# Hugging Face ResNetModel / ResNetForImageClassification (basic blocks).
+
+# Student field -> ResNetConfig key, where the names differ.
+HF_FIELDS = {"stage_sizes": "depths", "widths": "hidden_sizes",
+             "stem_width": "embedding_size"}
+
+_BLOCK, _HF_BLOCK = r"stage(\d+)_block(\d+)", r"encoder.stages.\1.layers.\2"
+HF_MAPPING = hf_mapping.StudentMapping(
+    model_type="resnet", prefix="resnet.",
+    rules=(
+        (r"stem_conv", "embedder.embedder.convolution"),
+        (r"stem_bn/bn", "embedder.embedder.normalization"),
+        (rf"{_BLOCK}/layer(\d)_conv", rf"{_HF_BLOCK}.layer.\3.convolution"),
+        (rf"{_BLOCK}/layer(\d)_bn/bn", rf"{_HF_BLOCK}.layer.\3.normalization"),
+        (rf"{_BLOCK}/shortcut_conv", rf"{_HF_BLOCK}.shortcut.convolution"),
+        (rf"{_BLOCK}/shortcut_bn/bn", rf"{_HF_BLOCK}.shortcut.normalization"),
+    ))
+
+
+def from_hf_config(cfg: dict[str, Any], path: str = "") -> dict[str, Any]:
+  """`ResNet` fields from a ResNetConfig dict (KeyError names an absent key)."""
+  hf_io.require_value(cfg, "num_channels", (3,), path)
+  hf_io.require_value(cfg, "layer_type", ("basic",), path)
+  hf_io.require_value(cfg, "hidden_act", ("relu",), path)
+  return dict(stage_sizes=tuple(cfg["depths"]),
+              widths=tuple(cfg["hidden_sizes"]),
+              stem_width=cfg["embedding_size"],
+              downsample_in_first_stage=cfg.get(
+                  "downsample_in_first_stage", False))

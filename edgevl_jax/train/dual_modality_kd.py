@@ -49,7 +49,6 @@ from edgevl_jax import losses
 from edgevl_jax.eval import artefacts
 from edgevl_jax.eval import splits
 from edgevl_jax.eval import zero_shot
-from edgevl_jax.models import hf_students
 from edgevl_jax.models import layers
 from edgevl_jax.models import students
 from edgevl_jax.models.mobilenet import MobileNetV2
@@ -126,9 +125,9 @@ def hf_overrides(config: Any) -> dict[str, Any]:
         f"config.student.hf_path={path!r} is not a folder; pass a local "
         "Hugging Face model folder (config.json + weights) or '' to train "
         "from scratch.")
-  hf_cfg = hf_students.read_config(path)
+  hf_cfg = students.read_hf_config(path)
   family = hf_cfg.get("model_type")
-  hf = hf_students.student_overrides(hf_cfg, path)
+  hf = students.hf_overrides(hf_cfg, path)
   name = config.student.name
   explicit = dict(config_utils.get(config, "student.overrides", None) or {})
   overrides = _config_overrides(config)
