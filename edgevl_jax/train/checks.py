@@ -15,7 +15,6 @@ from edgevl_jax import data as data_lib
 from edgevl_jax.eval import artefacts
 from edgevl_jax.eval import zero_shot
 from edgevl_jax.models import clip
-from edgevl_jax.models import clip_convert
 from edgevl_jax.train import config_utils
 from edgevl_jax.train import metrics as metrics_lib
 
@@ -114,7 +113,7 @@ def student_fits_teacher(config: Any, student_key: str,
   meta = metrics_lib.read_json(
       os.path.join(student, artefacts.STUDENT_FILE),
       fix="re-run the stage that wrote it")
-  projection = clip_convert.load_config(
+  projection = clip.load_config(
       artefacts.teacher_dir(teacher)).projection_dim
   zero_shot.check_embed_dim(
       int(meta["embed_dim"]), int(projection),

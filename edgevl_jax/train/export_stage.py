@@ -27,7 +27,7 @@ from edgevl_jax.eval import quantized
 from edgevl_jax.eval import splits
 from edgevl_jax.export import artifact
 from edgevl_jax.export import size as size_lib
-from edgevl_jax.models import clip_convert
+from edgevl_jax.models import clip
 from edgevl_jax.train import checks
 from edgevl_jax.train import config_utils
 from edgevl_jax.train import dual_modality_kd as kd
@@ -70,7 +70,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
       num_batches=config.calibration_batches, seed=config.seed,
       indices=indices, crop_scale=tuple(config.crop_scale))
   teacher_bytes = size_lib.teacher_image_tower_size(
-      clip_convert.load_config(teacher_folder))["bytes_fp32"]
+      clip.load_config(teacher_folder))["bytes_fp32"]
   manifest = artifact.export_from_student(
       out, meta=meta, params=params, calibration_batches=calib,
       text_features=text, class_names=list(info.class_names),
