@@ -81,14 +81,16 @@ def read_config(path: str | os.PathLike[str], *, what: str,
   return cfg
 
 
-def require_value(cfg: Mapping[str, Any], key: str, allowed: Sequence[Any],
-                  path: str) -> None:
-  """Raises ValueError unless cfg[key] (default allowed[0]) is allowed."""
-  value = cfg.get(key, allowed[0])
-  if value not in allowed:
-    raise ValueError(
-        f"{path}/{CONFIG}: {key}={value!r} is not supported by the "
-        f"student (supported: {tuple(allowed)}).")
+def require_values(cfg: Mapping[str, Any], path: str,
+                   **allowed: Sequence[Any]) -> None:
+  """Raises ValueError unless each cfg[key] (default: the first allowed
+  value) is one of `allowed[key]`, e.g. `hidden_act=('gelu',)`."""
+  for key, values in allowed.items():
+    value = cfg.get(key, values[0])
+    if value not in values:
+      raise ValueError(
+          f"{path}/{CONFIG}: {key}={value!r} is not supported by the "
+          f"student (supported: {tuple(values)}).")
 
 
 def square_size(cfg: Mapping[str, Any], key: str, path: str) -> int:

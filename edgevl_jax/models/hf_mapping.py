@@ -21,10 +21,31 @@ import numpy as np
 from edgevl_jax.models import hf_io
 
 IGNORED = re.compile(r"^(classifier\..*|pooler\..*|.*\.num_batches_tracked)$")
-# transformers >= 5 names the attention projections q/k/v_proj; the hub
-# checkpoints (and the rules) say query/key/value.
-QKV_RENAMES = ((r"\.q_proj\.", ".query."), (r"\.k_proj\.", ".key."),
-               (r"\.v_proj\.", ".value."))
+# transformers >= 5 in-memory names of a ViT / Swin block -> hub names,
+# applied after the family's own renames.
+BLOCK_RENAMES = ((r"\.attention\.o_proj\.", r".attention.output.dense."),
+                 (r"\.mlp\.fc1\.", r".intermediate.dense."),
+                 (r"\.mlp\.fc2\.", r".output.dense."),
+                 (r"\.q_proj\.", ".query."), (r"\.k_proj\.", ".key."),
+                 (r"\.v_proj\.", ".value."))
+
+
+def block_rules(block: str, hf_block: str, attention: str
+                ) -> tuple[tuple[str, str], ...]:
+  """Rules of a pre-norm transformer block (vit.EncoderBlock layout) whose
+  HF counterpart is a ViTLayer / SwinLayer.
+
+  Args:
+    block: Flax block path regex, e.g. r"block(\d+)".
+    hf_block: HF block template, e.g. r"encoder.layer.\1".
+    attention: HF module holding query/key/value under the block.
+  """
+  return ((rf"{block}/norm1", rf"{hf_block}.layernorm_before"),
+          (rf"{block}/attn/qkv", rf"{hf_block}.{attention}.{{qkv}}"),
+          (rf"{block}/attn/proj", rf"{hf_block}.attention.output.dense"),
+          (rf"{block}/norm2", rf"{hf_block}.layernorm_after"),
+          (rf"{block}/mlp/fc1", rf"{hf_block}.intermediate.dense"),
+          (rf"{block}/mlp/fc2", rf"{hf_block}.output.dense"))
 
 
 @dataclasses.dataclass(frozen=True)

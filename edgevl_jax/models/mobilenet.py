@@ -188,10 +188,8 @@ HF_MAPPING = hf_mapping.StudentMapping(
 def from_hf_config(cfg: dict[str, Any], path: str = "") -> dict[str, Any]:
   """`MobileNetV2` fields from a MobileNetV2Config dict (KeyError names an
   absent key)."""
-  hf_io.require_value(cfg, "num_channels", (3,), path)
-  hf_io.require_value(cfg, "hidden_act", ("relu6",), path)
-  hf_io.require_value(cfg, "output_stride", (32,), path)
-  hf_io.require_value(cfg, "first_layer_is_expansion", (True,), path)
+  hf_io.require_values(cfg, path, num_channels=(3,), hidden_act=("relu6",),
+                       output_stride=(32,), first_layer_is_expansion=(True,))
   return dict(image_size=hf_io.square_size(cfg, "image_size", path),
               width=cfg["depth_multiplier"],
               divisor=cfg["depth_divisible_by"], min_depth=cfg["min_depth"],

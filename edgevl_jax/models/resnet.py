@@ -138,9 +138,8 @@ HF_MAPPING = hf_mapping.StudentMapping(
 
 def from_hf_config(cfg: dict[str, Any], path: str = "") -> dict[str, Any]:
   """`ResNet` fields from a ResNetConfig dict (KeyError names an absent key)."""
-  hf_io.require_value(cfg, "num_channels", (3,), path)
-  hf_io.require_value(cfg, "layer_type", ("basic",), path)
-  hf_io.require_value(cfg, "hidden_act", ("relu",), path)
+  hf_io.require_values(cfg, path, num_channels=(3,), layer_type=("basic",),
+                       hidden_act=("relu",))
   return dict(stage_sizes=tuple(cfg["depths"]),
               widths=tuple(cfg["hidden_sizes"]),
               stem_width=cfg["embedding_size"],

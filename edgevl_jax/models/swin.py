@@ -215,8 +215,7 @@ class Swin(nn.Module):
 # Student field -> SwinConfig key, where the names differ.
 HF_FIELDS = {"width": "embed_dim"}
 
-_BLOCK = r"stage(\d+)_block(\d+)"
-_HF_BLOCK = r"encoder.layers.\1.blocks.\2"
+_BLOCK, _HF_BLOCK = r"stage(\d+)_block(\d+)", r"encoder.layers.\1.blocks.\2"
 HF_MAPPING = hf_mapping.StudentMapping(
     model_type="swin", prefix="swin.",
     rules=(
@@ -224,12 +223,7 @@ HF_MAPPING = hf_mapping.StudentMapping(
         (r"patch_norm", "embeddings.norm"),
         (rf"{_BLOCK}/relative_position_bias_table",
          rf"{_HF_BLOCK}.attention.self.relative_position_bias_table"),
-        (rf"{_BLOCK}/norm1", rf"{_HF_BLOCK}.layernorm_before"),
-        (rf"{_BLOCK}/attn/qkv", rf"{_HF_BLOCK}.attention.self.{{qkv}}"),
-        (rf"{_BLOCK}/attn/proj", rf"{_HF_BLOCK}.attention.output.dense"),
-        (rf"{_BLOCK}/norm2", rf"{_HF_BLOCK}.layernorm_after"),
-        (rf"{_BLOCK}/mlp/fc1", rf"{_HF_BLOCK}.intermediate.dense"),
-        (rf"{_BLOCK}/mlp/fc2", rf"{_HF_BLOCK}.output.dense"),
+        *hf_mapping.block_rules(_BLOCK, _HF_BLOCK, "attention.self"),
         (r"stage(\d+)_merge/(norm|reduction)",
          r"encoder.layers.\1.downsample.\2"),
         (r"norm", "layernorm"),
@@ -237,17 +231,13 @@ HF_MAPPING = hf_mapping.StudentMapping(
     renames=(
         (r"\.attention\.relative_position_bias\.", r".attention.self."),
         (r"\.attention\.([qkv])_proj\.", r".attention.self.\1_proj."),
-        (r"\.attention\.o_proj\.", r".attention.output.dense."),
-        (r"\.mlp\.fc1\.", r".intermediate.dense."),
-        (r"\.mlp\.fc2\.", r".output.dense."),
-    ) + hf_mapping.QKV_RENAMES)
+    ) + hf_mapping.BLOCK_RENAMES)
 
 
 def from_hf_config(cfg: dict[str, Any], path: str = "") -> dict[str, Any]:
   """`Swin` fields from a SwinConfig dict (KeyError names an absent key)."""
-  hf_io.require_value(cfg, "num_channels", (3,), path)
-  hf_io.require_value(cfg, "hidden_act", ("gelu",), path)
-  hf_io.require_value(cfg, "use_absolute_embeddings", (False,), path)
+  hf_io.require_values(cfg, path, num_channels=(3,), hidden_act=("gelu",),
+                       use_absolute_embeddings=(False,))
   return dict(image_size=hf_io.square_size(cfg, "image_size", path),
               patch_size=hf_io.square_size(cfg, "patch_size", path),
               width=cfg["embed_dim"], depths=tuple(cfg["depths"]),

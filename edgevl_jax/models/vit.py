@@ -210,27 +210,19 @@ HF_MAPPING = hf_mapping.StudentMapping(
         (r"cls_token", "embeddings.cls_token"),
         (r"pos_embed", "embeddings.position_embeddings"),
         (r"patch_embed", "embeddings.patch_embeddings.projection"),
-        (r"block(\d+)/norm1", r"encoder.layer.\1.layernorm_before"),
-        (r"block(\d+)/attn/qkv", r"encoder.layer.\1.attention.attention.{qkv}"),
-        (r"block(\d+)/attn/proj", r"encoder.layer.\1.attention.output.dense"),
-        (r"block(\d+)/norm2", r"encoder.layer.\1.layernorm_after"),
-        (r"block(\d+)/mlp/fc1", r"encoder.layer.\1.intermediate.dense"),
-        (r"block(\d+)/mlp/fc2", r"encoder.layer.\1.output.dense"),
+        *hf_mapping.block_rules(r"block(\d+)", r"encoder.layer.\1",
+                                "attention.attention"),
         (r"norm", "layernorm"),
     ),
     renames=(
         (r"^layers\.(\d+)\.", r"encoder.layer.\1."),
         (r"\.attention\.([qkv])_proj\.", r".attention.attention.\1_proj."),
-        (r"\.attention\.o_proj\.", r".attention.output.dense."),
-        (r"\.mlp\.fc1\.", r".intermediate.dense."),
-        (r"\.mlp\.fc2\.", r".output.dense."),
-    ) + hf_mapping.QKV_RENAMES)
+    ) + hf_mapping.BLOCK_RENAMES)
 
 
 def from_hf_config(cfg: dict[str, Any], path: str = "") -> dict[str, Any]:
   """`ViT` fields from a ViTConfig dict (KeyError names an absent key)."""
-  hf_io.require_value(cfg, "num_channels", (3,), path)
-  hf_io.require_value(cfg, "hidden_act", ("gelu",), path)
+  hf_io.require_values(cfg, path, num_channels=(3,), hidden_act=("gelu",))
   return dict(image_size=hf_io.square_size(cfg, "image_size", path),
               patch_size=hf_io.square_size(cfg, "patch_size", path),
               width=cfg["hidden_size"], depth=cfg["num_hidden_layers"],
