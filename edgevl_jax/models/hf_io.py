@@ -74,10 +74,11 @@ def read_config(path: str | os.PathLike[str], *, what: str,
   cfg = io.read_json(cfg_file, fix=fix)
   model_type = cfg.get("model_type")
   if model_type not in model_types:
+    kinds = "that type" if len(model_types) == 1 else "one of those types"
     raise ValueError(
         f"{cfg_file} has model_type={model_type!r}, expected "
-        f"{' or '.join(map(repr, sorted(model_types)))} (the Hugging Face "
-        f"models a {what} can be); pass a folder of one of those.")
+        f"{' or '.join(map(repr, sorted(model_types)))}; a {what} folder "
+        f"holds a Hugging Face model of {kinds}.")
   return cfg
 
 

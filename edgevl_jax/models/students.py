@@ -31,36 +31,33 @@ from flax import traverse_util
 import jax
 import jax.numpy as jnp
 
+from edgevl_jax.models import dat
 from edgevl_jax.models import hf_io
 from edgevl_jax.models import layers
 from edgevl_jax.models import mobilenet
 from edgevl_jax.models import resnet
 from edgevl_jax.models import swin
 from edgevl_jax.models import vit
-from edgevl_jax.models.dat import DAT
 from edgevl_jax.models.heads import ProjectionHead
-from edgevl_jax.models.mobilenet import MobileNetV2
-from edgevl_jax.models.resnet import ResNet
-from edgevl_jax.models.swin import Swin
-from edgevl_jax.models.vit import ViT
 
 # name -> (backbone class, its settings, whether the head has a LayerNorm).
 _CONFIGS: dict[str, tuple[type[nn.Module], dict[str, Any], bool]] = {
-    "vit_ti16": (ViT, dict(width=192, depth=12, num_heads=3), False),
-    "vit_s16": (ViT, dict(width=384, depth=12, num_heads=6), False),
-    "vit_b16": (ViT, dict(width=768, depth=12, num_heads=12), False),
+    "vit_ti16": (vit.ViT, dict(width=192, depth=12, num_heads=3), False),
+    "vit_s16": (vit.ViT, dict(width=384, depth=12, num_heads=6), False),
+    "vit_b16": (vit.ViT, dict(width=768, depth=12, num_heads=12), False),
     # Official Swin-T drop-path 0.2; EdgeVL's public "Swin-T" config has the
     # Swin-S depths and drop-path 0.3; official Swin-S drop-path is 0.3.
-    "swin_t": (Swin, dict(depths=(2, 2, 6, 2), drop_path_rate=0.2), True),
-    "swin_t_edgevl": (Swin, dict(depths=(2, 2, 18, 2), drop_path_rate=0.3),
-                      True),
-    "swin_s": (Swin, dict(depths=(2, 2, 18, 2), drop_path_rate=0.3), True),
+    "swin_t": (swin.Swin, dict(depths=(2, 2, 6, 2), drop_path_rate=0.2), True),
+    "swin_t_edgevl": (swin.Swin, dict(depths=(2, 2, 18, 2),
+                                      drop_path_rate=0.3), True),
+    "swin_s": (swin.Swin, dict(depths=(2, 2, 18, 2), drop_path_rate=0.3),
+               True),
     # DAT++-T (dat_tiny.yaml); DAT's defaults are these, spelled out here.
-    "dat_t": (DAT, dict(dims=(64, 128, 256, 512), depths=(2, 4, 18, 2),
-                        num_heads=(2, 4, 8, 16), drop_path_rate=0.2), True),
-    "resnet18": (ResNet, dict(stage_sizes=(2, 2, 2, 2)), False),
-    "resnet34": (ResNet, dict(stage_sizes=(3, 4, 6, 3)), False),
-    "mobilenet_v2": (MobileNetV2, dict(width=1.0), False),
+    "dat_t": (dat.DAT, dict(dims=(64, 128, 256, 512), depths=(2, 4, 18, 2),
+                            num_heads=(2, 4, 8, 16), drop_path_rate=0.2), True),
+    "resnet18": (resnet.ResNet, dict(stage_sizes=(2, 2, 2, 2)), False),
+    "resnet34": (resnet.ResNet, dict(stage_sizes=(3, 4, 6, 3)), False),
+    "mobilenet_v2": (mobilenet.MobileNetV2, dict(width=1.0), False),
 }
 NAMES: tuple[str, ...] = tuple(_CONFIGS)
 
