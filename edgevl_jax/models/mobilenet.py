@@ -27,7 +27,6 @@ from edgevl_jax.models import hf_io
 from edgevl_jax.models import hf_mapping
 from edgevl_jax.models import layers
 from edgevl_jax.models.heads import check_images
-from edgevl_jax.models.resnet import conv_init
 
 # (output channels, stride) of the 16 inverted residuals block0..block15.
 CHANNELS = (24, 24, 32, 32, 32, 64, 64, 64, 64, 96, 96, 96, 160, 160, 160, 320)
@@ -65,7 +64,7 @@ class ConvBN(nn.Module):
         strides=self.strides,
         padding="SAME" if self.tf_padding else ((pad, pad), (pad, pad)),
         feature_group_count=self.groups, use_bias=False, dtype=self.dtype,
-        kernel_init=conv_init, name="conv")(x)
+        kernel_init=layers.conv_init, name="conv")(x)
     x = layers.BatchNorm(epsilon=self.bn_epsilon, dtype=self.dtype,
                          name="bn")(x, use_running_average=not train)
     return jnp.clip(x, 0.0, 6.0) if self.activation else x

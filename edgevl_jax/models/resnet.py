@@ -26,9 +26,6 @@ from edgevl_jax.models import hf_mapping
 from edgevl_jax.models import layers
 from edgevl_jax.models.heads import check_images
 
-# PyTorch's kaiming_normal_(mode='fan_out', nonlinearity='relu').
-conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-
 
 class BasicBlock(nn.Module):
   """Two 3x3 conv-BN layers and an identity or 1x1 conv-BN shortcut.
@@ -50,8 +47,8 @@ class BasicBlock(nn.Module):
     def conv_bn(y, features, kernel, strides, pad, name):
       y = layers.conv(features, (kernel, kernel), ops=self.ops,
                       strides=strides, padding=((pad, pad), (pad, pad)),
-                      use_bias=False, dtype=self.dtype, kernel_init=conv_init,
-                      name=f"{name}_conv")(y)
+                      use_bias=False, dtype=self.dtype,
+                      kernel_init=layers.conv_init, name=f"{name}_conv")(y)
       return layers.BatchNorm(epsilon=self.bn_epsilon, dtype=self.dtype,
                               name=f"{name}_bn")(
                                   y, use_running_average=not train)
@@ -99,7 +96,8 @@ class ResNet(nn.Module):
     kernel, stride, pad = (3, 1, 1) if self.cifar_stem else (7, 2, 3)
     x = layers.conv(self.stem_width, (kernel, kernel), ops=self.ops,
                     strides=stride, padding=((pad, pad), (pad, pad)),
-                    use_bias=False, dtype=self.dtype, kernel_init=conv_init,
+                    use_bias=False, dtype=self.dtype,
+                    kernel_init=layers.conv_init,
                     name="stem_conv")(images.astype(self.dtype))
     x = layers.BatchNorm(epsilon=self.bn_epsilon, dtype=self.dtype,
                          name="stem_bn")(x, use_running_average=not train)

@@ -23,7 +23,6 @@ import jax
 import jax.numpy as jnp
 
 from edgevl_jax.models import layers
-from edgevl_jax.models.resnet import conv_init
 
 
 def _shift_taps(xp: jax.Array, out_hw: tuple[int, int], stride: int,
@@ -158,10 +157,10 @@ class SepConv(nn.Module):
                                          (1, self.features))):
       x = layers.conv(c_in, (3, 3), ops=depthwise_ops, strides=stride,
                       padding=((1, 1), (1, 1)), feature_group_count=c_in,
-                      use_bias=False, dtype=self.dtype, kernel_init=conv_init,
-                      name=f"dw{i}")(x)
+                      use_bias=False, dtype=self.dtype,
+                      kernel_init=layers.conv_init, name=f"dw{i}")(x)
       x = layers.conv(c_out, (1, 1), ops=self.ops, use_bias=False,
-                      dtype=self.dtype, kernel_init=conv_init,
+                      dtype=self.dtype, kernel_init=layers.conv_init,
                       name=f"pw{i}")(x)
       x = layers.BatchNorm(dtype=self.dtype, name=f"bn{i}")(
           x, use_running_average=not train)
