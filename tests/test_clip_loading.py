@@ -192,10 +192,10 @@ def test_wrong_shaped_missing_and_unexpected_tensors(saved):
   with pytest.raises(ValueError) as err:
     clip.load_pretrained(saved)
   msg = str(err.value)
-  assert ("'vision_model.embeddings.patch_embedding.weight': expected shape "
-          "(32, 3, 8, 8), found shape (32, 3, 4, 4)") in msg
-  assert "missing tensor 'text_model.final_layer_norm.bias'" in msg
-  assert "unexpected tensor 'vision_model.extra_head.weight'" in msg
+  assert ("tensor 'vision_model.embeddings.patch_embedding.weight' has shape "
+          "(32, 3, 4, 4), expected (32, 3, 8, 8)") in msg
+  assert "missing tensors ['text_model.final_layer_norm.bias']" in msg
+  assert "unexpected tensors ['vision_model.extra_head.weight']" in msg
 
 
 def test_truncated_safetensors(saved):

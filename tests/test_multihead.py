@@ -6,6 +6,7 @@ import pytest
 
 from edgevl_jax.models import layers
 from edgevl_jax.models import multihead
+from edgevl_jax.models import sepconv
 
 
 @pytest.mark.parametrize("size,channels,stride,padding", [
@@ -27,7 +28,7 @@ def test_shift_depthwise_conv_matches_lax_value_and_gradients(
         feature_group_count=channels)
 
   def shift(x, w):
-    return multihead.ShiftDepthwiseConv()(
+    return sepconv.ShiftDepthwiseConv()(
         x, w, (stride, stride), padding, dimension_numbers=dn,
         feature_group_count=channels)
 
@@ -44,7 +45,7 @@ def test_non_depthwise_conv_falls_back_to_lax():
   w = jax.random.normal(jax.random.key(1), (3, 3, 2, 6))
   dn = jax.lax.conv_dimension_numbers(x.shape, w.shape,
                                       ("NHWC", "HWIO", "NHWC"))
-  got = multihead.ShiftDepthwiseConv()(
+  got = sepconv.ShiftDepthwiseConv()(
       x, w, (1, 1), "SAME", dimension_numbers=dn, feature_group_count=2)
   want = jax.lax.conv_general_dilated(
       x, w, (1, 1), "SAME", dimension_numbers=dn, feature_group_count=2)

@@ -15,7 +15,6 @@ from edgevl_jax import data as data_lib
 from edgevl_jax.edgevl import handoff
 from edgevl_jax.edgevl import zero_shot
 from edgevl_jax.models import clip
-from edgevl_jax.models import clip_convert
 from edgevl_jax.run import config as config_lib
 from edgevl_jax.utils import io
 
@@ -121,7 +120,7 @@ def student_fits_teacher(config: Any, student_key: str,
   meta = io.read_json(
       os.path.join(student, handoff.STUDENT_FILE),
       fix="re-run the stage that wrote it")
-  projection = clip_convert.load_config(
+  projection = clip.load_config(
       handoff.teacher_dir(teacher)).projection_dim
   zero_shot.check_embed_dim(
       int(meta["embed_dim"]), int(projection),

@@ -16,12 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from edgevl_jax.models import hf_students
 from edgevl_jax.models import students
-from edgevl_jax.models.mobilenet import MobileNetV2
-from edgevl_jax.models.resnet import ResNet
-from edgevl_jax.models.swin import Swin
-from edgevl_jax.models.vit import ViT
 from edgevl_jax.run import config as config_lib
 
 NORMALIZATIONS = ("clip", "imagenet")
@@ -36,19 +31,10 @@ SCHEMA: config_lib.Schema = {
 }
 del f
 
-# Hugging Face model_type -> the backbone class its weights fit.
-HF_BACKBONES = {"vit": ViT, "swin": Swin, "resnet": ResNet,
-                "mobilenet_v2": MobileNetV2}
-# config.json field behind a student field, where the names differ.
-_HF_FIELDS = {
-    "vit": dict(width="hidden_size", depth="num_hidden_layers",
-                num_heads="num_attention_heads", mlp_dim="intermediate_size"),
-    "swin": dict(width="embed_dim"),
-    "resnet": dict(stage_sizes="depths", widths="hidden_sizes",
-                   stem_width="embedding_size"),
-    "mobilenet_v2": dict(width="depth_multiplier", divisor="depth_divisible_by",
-                         bn_epsilon="layer_norm_eps"),
-}
+# model_type -> the backbone class its weights fit, and the config.json
+# field behind a student field where the names differ.
+HF_BACKBONES = students.HF_FAMILIES
+_HF_FIELDS = students.HF_FIELDS
 # Numerics that come with the weights (e.g. HF ViT's LayerNorm eps 1e-12):
 # adopted unless config.student.overrides sets them, then they must agree.
 _ADOPTED = ("layer_norm_eps", "bn_epsilon", "qkv_bias")
@@ -91,9 +77,9 @@ def hf_overrides(config: Any) -> dict[str, Any]:
         f"config.student.hf_path={path!r} is not a folder; pass a local "
         "Hugging Face model folder (config.json + weights) or '' to train "
         "from scratch.")
-  hf_cfg = hf_students.read_config(path)
+  hf_cfg = students.read_hf_config(path)
   family = hf_cfg.get("model_type")
-  hf = hf_students.student_overrides(hf_cfg, path)
+  hf = students.hf_overrides(hf_cfg, path)
   name = config.student.name
   explicit = dict(config.student.overrides)
   overrides = _config_overrides(config)

@@ -23,7 +23,7 @@ from edgevl_jax.edgevl import handoff
 from edgevl_jax.edgevl import splits
 from edgevl_jax.export import artifact
 from edgevl_jax.export import size as size_lib
-from edgevl_jax.models import clip_convert
+from edgevl_jax.models import clip
 from edgevl_jax.run import config as config_lib
 from edgevl_jax.run import metrics as metrics_lib
 from edgevl_jax.run import runner
@@ -54,7 +54,7 @@ def run(config: Any, ctx: runner.Context) -> dict[str, Any]:
   meta, variables, params = calibration.calibrate_student(
       config, config.student, train_src, ctx.cache)
   teacher_bytes = size_lib.teacher_image_tower_size(
-      clip_convert.load_config(teacher_folder))["bytes_fp32"]
+      clip.load_config(teacher_folder))["bytes_fp32"]
   manifest = artifact.export_from_student(
       out, meta=meta, variables=variables, text_features=text,
       class_names=list(info.class_names), teacher_bytes=int(teacher_bytes))

@@ -39,6 +39,7 @@ import numpy as np
 from PIL import Image
 
 from edgevl_jax.models import layers
+from edgevl_jax.utils import io
 
 # Epsilon of the 32 px generator's inner BatchNorms in the original code.
 DCGAN_BN_EPS_QUIRK = 0.8
@@ -187,5 +188,7 @@ def save_samples(path: str, images: np.ndarray, columns: int = 8) -> None:
     grid[r * (h + 2) + 1:r * (h + 2) + 1 + h,
          col * (w + 2) + 1:col * (w + 2) + 1 + w] = im
   scale = max(1, 256 // grid.shape[1])
-  Image.fromarray(grid).resize(
-      (grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
+  image = Image.fromarray(grid).resize(
+      (grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+  with io.atomic_path(path) as tmp:  # keeps the suffix: PIL's format
+    image.save(tmp)

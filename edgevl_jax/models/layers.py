@@ -44,6 +44,10 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     (NORM, None),
 )
 
+# PyTorch's kaiming_normal_(mode='fan_out', nonlinearity='relu'): the conv
+# init of the torchvision-style CNNs (ResNet, MobileNetV2, WRN, SepConv).
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
 
 class PlainEinsum(nn.Module):
   """`jnp.einsum` with the AqtEinsum call signature `(eqn, lhs, rhs)`."""

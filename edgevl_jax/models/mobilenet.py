@@ -6,7 +6,8 @@ the 16 inverted residuals `block0..block15` and features[18] the final 1x1
 conv. Padding defaults to TensorFlow 'SAME' and BatchNorm epsilon to 1e-3, the
 settings of the Google ImageNet checkpoints on the Hugging Face hub
 (`tf_padding=True`, `layer_norm_eps=0.001`); `tf_padding=False` gives
-PyTorch's symmetric padding.
+PyTorch's symmetric padding. Hugging Face `MobileNetV2Model` checkpoints
+convert one to one (`from_hf_config`, `HF_MAPPING` below).
 
 Output of `MobileNetV2.__call__(images, train)`: a dict with
   stages: outputs of features[2], [5], [12], [17] (the OFA-KD CKA blocks),
@@ -22,9 +23,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from edgevl_jax.models import hf_io
+from edgevl_jax.models import hf_mapping
 from edgevl_jax.models import layers
 from edgevl_jax.models.heads import check_images
-from edgevl_jax.models.resnet import conv_init
 
 # (output channels, stride) of the 16 inverted residuals block0..block15.
 CHANNELS = (24, 24, 32, 32, 32, 64, 64, 64, 64, 96, 96, 96, 160, 160, 160, 320)
@@ -62,7 +64,7 @@ class ConvBN(nn.Module):
         strides=self.strides,
         padding="SAME" if self.tf_padding else ((pad, pad), (pad, pad)),
         feature_group_count=self.groups, use_bias=False, dtype=self.dtype,
-        kernel_init=conv_init, name="conv")(x)
+        kernel_init=layers.conv_init, name="conv")(x)
     x = layers.BatchNorm(epsilon=self.bn_epsilon, dtype=self.dtype,
                          name="bn")(x, use_running_average=not train)
     return jnp.clip(x, 0.0, 6.0) if self.activation else x
@@ -158,3 +160,38 @@ class MobileNetV2(nn.Module):
            else self.channels(1280))
     x = ConvBN(out, 1, name="head_conv", **kw)(x, train=train)
     return {"stages": tuple(stages), "pooled": jnp.mean(x, axis=(1, 2))}
+
+
+# Hugging Face MobileNetV2Model / MobileNetV2ForImageClassification.
+
+# Student field -> MobileNetV2Config key, where the names differ.
+HF_FIELDS = {"width": "depth_multiplier", "divisor": "depth_divisible_by",
+             "bn_epsilon": "layer_norm_eps"}
+
+HF_MAPPING = hf_mapping.StudentMapping(
+    model_type="mobilenet_v2", prefix="mobilenet_v2.",
+    rules=tuple(
+        (f"{module}/{child}", f"{hf}.{hf_child}")
+        for module, hf in (
+            (r"stem_conv", "conv_stem.first_conv"),
+            (r"stem_block/depthwise", "conv_stem.conv_3x3"),
+            (r"stem_block/reduce", "conv_stem.reduce_1x1"),
+            (r"block(\d+)/expand", r"layer.\1.expand_1x1"),
+            (r"block(\d+)/depthwise", r"layer.\1.conv_3x3"),
+            (r"block(\d+)/reduce", r"layer.\1.reduce_1x1"),
+            (r"head_conv", "conv_1x1"))
+        for child, hf_child in (("conv", "convolution"),
+                                ("bn/bn", "normalization"))))
+
+
+def from_hf_config(cfg: dict[str, Any], path: str = "") -> dict[str, Any]:
+  """`MobileNetV2` fields from a MobileNetV2Config dict (KeyError names an
+  absent key)."""
+  hf_io.require_values(cfg, path, num_channels=(3,), hidden_act=("relu6",),
+                       output_stride=(32,), first_layer_is_expansion=(True,))
+  return dict(image_size=hf_io.square_size(cfg, "image_size", path),
+              width=cfg["depth_multiplier"],
+              divisor=cfg["depth_divisible_by"], min_depth=cfg["min_depth"],
+              expand_ratio=cfg["expand_ratio"],
+              finegrained_output=cfg["finegrained_output"],
+              tf_padding=cfg["tf_padding"], bn_epsilon=cfg["layer_norm_eps"])

@@ -25,33 +25,8 @@ import jax
 import jax.numpy as jnp
 
 from edgevl_jax.models import layers
+from edgevl_jax.models.sepconv import SepConv
 from edgevl_jax.models.vit import EncoderBlock
-
-
-class SepConv(nn.Module):
-  """Two depthwise-separable 3x3 convs, the first with stride 2 (halves H, W).
-
-  dw3x3/s2 -> pw1x1 -> BN -> ReLU -> dw3x3 -> pw1x1(out) -> BN -> ReLU.
-  """
-
-  features: int
-  ops: layers.Ops = layers.Ops()
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    """x: (B, H, W, C) -> (B, ceil(H/2), ceil(W/2), features)."""
-    c = x.shape[-1]
-    conv = lambda f, k, s, g, name: layers.conv(
-        f, (k, k), ops=self.ops, strides=s, padding="SAME",
-        feature_group_count=g, use_bias=False, dtype=self.dtype, name=name)
-    bn = lambda name: layers.BatchNorm(dtype=self.dtype, name=name)
-    x = conv(c, 3, 2, c, "dw1")(x)
-    x = conv(c, 1, 1, 1, "pw1")(x)
-    x = nn.relu(bn("bn1")(x, use_running_average=not train))
-    x = conv(c, 3, 1, c, "dw2")(x)
-    x = conv(self.features, 1, 1, 1, "pw2")(x)
-    return nn.relu(bn("bn2")(x, use_running_average=not train))
 
 
 class ConvBranch(nn.Module):
@@ -84,7 +59,8 @@ class ConvBranch(nn.Module):
     for i in range(self.num_downsamples):
       last = i == self.num_downsamples - 1
       c = self.features if last else 2 * c
-      x = SepConv(c, self.ops, self.dtype, name=f"down{i}")(x, train=train)
+      x = SepConv(c, ops=self.ops, dtype=self.dtype, name=f"down{i}")(
+          x, train=train)
     x = jnp.mean(x, axis=(1, 2))
     logits = layers.dense(self.num_classes, ops=self.ops,
                           axes=(layers.EMBED, layers.CLASSES),

@@ -48,6 +48,7 @@ def normalize(images: Any, kind: str = "clip") -> Any:
     mean_a = np.asarray(mean, np.float32)
     std_a = np.asarray(std, np.float32)
     return ((images.astype(np.float32) - mean_a) / std_a).astype(np.float32)
+  # Only jax callers pay for importing jax; the numpy data pipeline does not.
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
   dtype = images.dtype if jnp.issubdtype(images.dtype, jnp.floating) else (

@@ -4,9 +4,9 @@ Two stems: the ImageNet stem (7x7/2 conv, BN, ReLU, 3x3/2 max-pool) and the
 CIFAR stem (3x3/1 conv, BN, ReLU, no pool) used for 32x32 inputs, e.g. by the
 data-free distillation students, which reuse this trunk through its stage
 outputs u1..u4. Padding is PyTorch's symmetric k // 2, so ImageNet
-checkpoints (Hugging Face `ResNetModel`, see `hf_students.py`) give the same
-numbers. Every BatchNorm is `layers.BatchNorm`, which sows its input moments
-for the data-free BN-statistics loss.
+checkpoints (Hugging Face `ResNetModel`: `from_hf_config`, `HF_MAPPING`
+below) give the same numbers. Every BatchNorm is `layers.BatchNorm`, which
+sows its input moments for the data-free BN-statistics loss.
 
 Output of `ResNet.__call__(images, train)`: a dict with
   stages: (u1, u2, u3, u4), the outputs of layer1..layer4, (B, H_i, W_i, C_i)
@@ -21,11 +21,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from edgevl_jax.models import hf_io
+from edgevl_jax.models import hf_mapping
 from edgevl_jax.models import layers
 from edgevl_jax.models.heads import check_images
-
-# PyTorch's kaiming_normal_(mode='fan_out', nonlinearity='relu').
-conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
 class BasicBlock(nn.Module):
@@ -48,8 +47,8 @@ class BasicBlock(nn.Module):
     def conv_bn(y, features, kernel, strides, pad, name):
       y = layers.conv(features, (kernel, kernel), ops=self.ops,
                       strides=strides, padding=((pad, pad), (pad, pad)),
-                      use_bias=False, dtype=self.dtype, kernel_init=conv_init,
-                      name=f"{name}_conv")(y)
+                      use_bias=False, dtype=self.dtype,
+                      kernel_init=layers.conv_init, name=f"{name}_conv")(y)
       return layers.BatchNorm(epsilon=self.bn_epsilon, dtype=self.dtype,
                               name=f"{name}_bn")(
                                   y, use_running_average=not train)
@@ -97,7 +96,8 @@ class ResNet(nn.Module):
     kernel, stride, pad = (3, 1, 1) if self.cifar_stem else (7, 2, 3)
     x = layers.conv(self.stem_width, (kernel, kernel), ops=self.ops,
                     strides=stride, padding=((pad, pad), (pad, pad)),
-                    use_bias=False, dtype=self.dtype, kernel_init=conv_init,
+                    use_bias=False, dtype=self.dtype,
+                    kernel_init=layers.conv_init,
                     name="stem_conv")(images.astype(self.dtype))
     x = layers.BatchNorm(epsilon=self.bn_epsilon, dtype=self.dtype,
                          name="stem_bn")(x, use_running_average=not train)
@@ -113,3 +113,33 @@ class ResNet(nn.Module):
                            x, train=train)
       stages.append(x)
     return {"stages": tuple(stages), "pooled": jnp.mean(x, axis=(1, 2))}
+
+
+# Hugging Face ResNetModel / ResNetForImageClassification (basic blocks).
+
+# Student field -> ResNetConfig key, where the names differ.
+HF_FIELDS = {"stage_sizes": "depths", "widths": "hidden_sizes",
+             "stem_width": "embedding_size"}
+
+_BLOCK, _HF_BLOCK = r"stage(\d+)_block(\d+)", r"encoder.stages.\1.layers.\2"
+HF_MAPPING = hf_mapping.StudentMapping(
+    model_type="resnet", prefix="resnet.",
+    rules=(
+        (r"stem_conv", "embedder.embedder.convolution"),
+        (r"stem_bn/bn", "embedder.embedder.normalization"),
+        (rf"{_BLOCK}/layer(\d)_conv", rf"{_HF_BLOCK}.layer.\3.convolution"),
+        (rf"{_BLOCK}/layer(\d)_bn/bn", rf"{_HF_BLOCK}.layer.\3.normalization"),
+        (rf"{_BLOCK}/shortcut_conv", rf"{_HF_BLOCK}.shortcut.convolution"),
+        (rf"{_BLOCK}/shortcut_bn/bn", rf"{_HF_BLOCK}.shortcut.normalization"),
+    ))
+
+
+def from_hf_config(cfg: dict[str, Any], path: str = "") -> dict[str, Any]:
+  """`ResNet` fields from a ResNetConfig dict (KeyError names an absent key)."""
+  hf_io.require_values(cfg, path, num_channels=(3,), layer_type=("basic",),
+                       hidden_act=("relu",))
+  return dict(stage_sizes=tuple(cfg["depths"]),
+              widths=tuple(cfg["hidden_sizes"]),
+              stem_width=cfg["embedding_size"],
+              downsample_in_first_stage=cfg.get(
+                  "downsample_in_first_stage", False))

@@ -14,47 +14,69 @@ With `train=True`, BatchNorm (CNNs) uses batch statistics and needs
 Parameters that take no weight decay in EdgeVL are the leaves named 'bias',
 'scale', 'cls_token', 'pos_embed' and 'relative_position_bias_table'.
 ImageNet initialisation: `load_hf(path, embed_dim=D)` reads a Hugging Face
-ViT / Swin / ResNet / MobileNetV2 folder (see `hf_students.py`).
+ViT / Swin / ResNet / MobileNetV2 folder: `HF_FAMILIES` maps its config.json
+model_type to the family file whose `from_hf_config` gives the student's
+fields and whose `HF_MAPPING` converts the tensors (hf_mapping.py); the
+folder itself is read by hf_io.py. The classifier of *ForImageClassification
+checkpoints is dropped and the head stays freshly initialised.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 
+from edgevl_jax.models import dat
+from edgevl_jax.models import hf_io
 from edgevl_jax.models import layers
-from edgevl_jax.models.dat import DAT
+from edgevl_jax.models import mobilenet
+from edgevl_jax.models import resnet
+from edgevl_jax.models import swin
+from edgevl_jax.models import vit
 from edgevl_jax.models.heads import ProjectionHead
-from edgevl_jax.models.mobilenet import MobileNetV2
-from edgevl_jax.models.resnet import ResNet
-from edgevl_jax.models.swin import Swin
-from edgevl_jax.models.vit import ViT
 
 # name -> (backbone class, its settings, whether the head has a LayerNorm).
 _CONFIGS: dict[str, tuple[type[nn.Module], dict[str, Any], bool]] = {
-    "vit_ti16": (ViT, dict(width=192, depth=12, num_heads=3), False),
-    "vit_s16": (ViT, dict(width=384, depth=12, num_heads=6), False),
-    "vit_b16": (ViT, dict(width=768, depth=12, num_heads=12), False),
+    "vit_ti16": (vit.ViT, dict(width=192, depth=12, num_heads=3), False),
+    "vit_s16": (vit.ViT, dict(width=384, depth=12, num_heads=6), False),
+    "vit_b16": (vit.ViT, dict(width=768, depth=12, num_heads=12), False),
     # Official Swin-T drop-path 0.2; EdgeVL's public "Swin-T" config has the
     # Swin-S depths and drop-path 0.3; official Swin-S drop-path is 0.3.
-    "swin_t": (Swin, dict(depths=(2, 2, 6, 2), drop_path_rate=0.2), True),
-    "swin_t_edgevl": (Swin, dict(depths=(2, 2, 18, 2), drop_path_rate=0.3),
-                      True),
-    "swin_s": (Swin, dict(depths=(2, 2, 18, 2), drop_path_rate=0.3), True),
+    "swin_t": (swin.Swin, dict(depths=(2, 2, 6, 2), drop_path_rate=0.2), True),
+    "swin_t_edgevl": (swin.Swin, dict(depths=(2, 2, 18, 2),
+                                      drop_path_rate=0.3), True),
+    "swin_s": (swin.Swin, dict(depths=(2, 2, 18, 2), drop_path_rate=0.3),
+               True),
     # DAT++-T (dat_tiny.yaml); DAT's defaults are these, spelled out here.
-    "dat_t": (DAT, dict(dims=(64, 128, 256, 512), depths=(2, 4, 18, 2),
-                        num_heads=(2, 4, 8, 16), drop_path_rate=0.2), True),
-    "resnet18": (ResNet, dict(stage_sizes=(2, 2, 2, 2)), False),
-    "resnet34": (ResNet, dict(stage_sizes=(3, 4, 6, 3)), False),
-    "mobilenet_v2": (MobileNetV2, dict(width=1.0), False),
+    "dat_t": (dat.DAT, dict(dims=(64, 128, 256, 512), depths=(2, 4, 18, 2),
+                            num_heads=(2, 4, 8, 16), drop_path_rate=0.2), True),
+    "resnet18": (resnet.ResNet, dict(stage_sizes=(2, 2, 2, 2)), False),
+    "resnet34": (resnet.ResNet, dict(stage_sizes=(3, 4, 6, 3)), False),
+    "mobilenet_v2": (mobilenet.MobileNetV2, dict(width=1.0), False),
 }
 NAMES: tuple[str, ...] = tuple(_CONFIGS)
 
 # Fields that are not architecture overrides.
 _NOT_OVERRIDABLE = ("ops", "parent", "name")
+
+# Hugging Face config.json model_type -> (family file, the student its
+# weights build; config.json then overrides every architecture field).
+_HF = {"vit": (vit, "vit_b16"), "swin": (swin, "swin_t"),
+       "resnet": (resnet, "resnet18"),
+       "mobilenet_v2": (mobilenet, "mobilenet_v2")}
+# model_type -> the backbone class its weights fit.
+HF_FAMILIES: dict[str, type[nn.Module]] = {
+    t: _CONFIGS[name][0] for t, (_, name) in _HF.items()}
+# model_type -> {student field: config.json key}, where the names differ.
+HF_FIELDS: dict[str, dict[str, str]] = {
+    t: family.HF_FIELDS for t, (family, _) in _HF.items()}
+_HF_FIX = ("re-save the model with save_pretrained (a Hugging Face ViT / "
+           "Swin / ResNet / MobileNetV2 folder: config.json plus weights)")
 
 
 class Student(nn.Module):
@@ -134,13 +156,90 @@ def build(name: str, *, embed_dim: int | None, quant: Any = None,
                  dtype=kwargs.get("dtype", jnp.float32))
 
 
+def read_hf_config(path: str) -> dict[str, Any]:
+  """config.json of an HF student folder, transformers' defaults filled in.
+
+  Raises:
+    ValueError: no folder or config.json (also a FileNotFoundError), bad
+      JSON, or a model_type that is not in `HF_FAMILIES`.
+  """
+  cfg = hf_io.read_config(path, what="student checkpoint",
+                          model_types=tuple(_HF), fix=_HF_FIX)
+  try:
+    # transformers is slow to import and only fills keys a hand-written
+    # config.json omits; configs written by save_pretrained are complete.
+    from transformers import CONFIG_MAPPING  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return cfg
+  return {**CONFIG_MAPPING[cfg["model_type"]]().to_dict(), **cfg}
+
+
+def hf_overrides(cfg: dict[str, Any], path: str = "") -> dict[str, Any]:
+  """Student architecture fields from an HF config dict (`read_hf_config`).
+
+  Raises:
+    ValueError: an unsupported model_type or setting, or an absent key.
+  """
+  model_type = cfg.get("model_type")
+  if model_type not in _HF:
+    raise ValueError(
+        f"{path}/config.json: model_type={model_type!r} is not a supported "
+        f"student (supported: {sorted(_HF)}).")
+  try:
+    return _HF[model_type][0].from_hf_config(cfg, path)
+  except KeyError as e:
+    raise ValueError(f"{path}/config.json has no {e}; it is needed to build "
+                     "the student.") from e
+
+
 def load_hf(path: str, *, embed_dim: int | None = None,
             rng: jax.Array | None = None, quant: Any = None,
             **overrides: Any) -> tuple[Student, dict[str, Any]]:
   """ImageNet student from a local Hugging Face folder: (model, variables).
 
-  See `hf_students.load` for the supported architectures and checks.
+  Args:
+    path: folder with config.json and the weights (see hf_io.py).
+    embed_dim: projection size D; the head is freshly initialised from `rng`
+      (default key 0). None: the pooled backbone output is the embedding.
+    quant: passed to `build`.
+    **overrides: further student fields (e.g. drop_path_rate, dtype).
+
+  Returns:
+    (model, variables) with variables {'params': {...}} plus 'batch_stats'
+    for CNNs, parameters boxed with their logical axis names as by `init`.
+
+  Raises:
+    ValueError: naming the folder and what is wrong with it (see hf_io.py),
+      or every missing, unexpected or mis-shaped tensor.
   """
-  from edgevl_jax.models import hf_students  # pylint: disable=g-import-not-at-top
-  return hf_students.load(path, embed_dim=embed_dim, rng=rng, quant=quant,
-                          **overrides)
+  cfg = read_hf_config(path)
+  family, name = _HF[cfg["model_type"]]
+  model = build(name, embed_dim=embed_dim, quant=quant,
+                **{**hf_overrides(cfg, path), **overrides})
+  x = jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32)
+  rng = jax.random.key(0) if rng is None else rng
+  abstract = jax.eval_shape(model.init, rng, x)
+  flat = traverse_util.flatten_dict(
+      {c: v for c, v in abstract.items() if c in ("params", "batch_stats")})
+  flat = {k: v for k, v in flat.items() if k[1] == "backbone"}
+  # (collection, *path inside the backbone) -> shape.
+  shapes = {(k[0],) + k[2:]: nn.meta.unbox(v).shape for k, v in flat.items()}
+  state = hf_io.read_state_dict(path, what="student checkpoint")
+  values = family.HF_MAPPING.convert(state, shapes, where=path)
+
+  def fill(key, box):
+    value = jnp.asarray(values[(key[0],) + key[2:]])
+    if isinstance(box, nn.meta.AxisMetadata):
+      return box.replace_boxed(value)
+    return value
+
+  variables = traverse_util.unflatten_dict(
+      {k: fill(k, v) for k, v in flat.items()})
+  if embed_dim is not None:
+    pooled = jax.eval_shape(
+        functools.partial(model.apply, method="features"), abstract, x)
+    head = ProjectionHead(
+        embed_dim, model.head_layer_norm, ops=model.ops, dtype=model.dtype)
+    variables["params"]["head"] = head.init(
+        rng, jnp.zeros((1, pooled["pooled"].shape[-1])))["params"]
+  return model, variables

@@ -13,6 +13,10 @@ Output of `Swin.__call__(images, train)`: a dict with
     of each stage before patch merging (blocks 1, 3, 9, 11 for depths
     2-2-6-2, blocks 1, 3, 21, 23 for 2-2-18-2);
   pooled: (B, C_last) average over tokens after the final LayerNorm.
+
+Hugging Face `SwinModel` checkpoints convert one to one (`from_hf_config`,
+`HF_MAPPING` below); the relative position index is recomputed from the
+window, not read.
 """
 from __future__ import annotations
 
@@ -23,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from edgevl_jax.models import hf_io
+from edgevl_jax.models import hf_mapping
 from edgevl_jax.models import layers
 from edgevl_jax.models.heads import check_images
 from edgevl_jax.models.vit import Attention, Mlp
@@ -202,3 +208,41 @@ class Swin(nn.Module):
     x = layers.layer_norm(epsilon=self.layer_norm_eps, dtype=self.dtype,
                           name="norm")(x)
     return {"stages": tuple(stages), "pooled": jnp.mean(x, axis=(1, 2))}
+
+
+# Hugging Face SwinModel / SwinForImageClassification.
+
+# Student field -> SwinConfig key, where the names differ.
+HF_FIELDS = {"width": "embed_dim"}
+
+_BLOCK, _HF_BLOCK = r"stage(\d+)_block(\d+)", r"encoder.layers.\1.blocks.\2"
+HF_MAPPING = hf_mapping.StudentMapping(
+    model_type="swin", prefix="swin.",
+    rules=(
+        (r"patch_embed", "embeddings.patch_embeddings.projection"),
+        (r"patch_norm", "embeddings.norm"),
+        (rf"{_BLOCK}/relative_position_bias_table",
+         rf"{_HF_BLOCK}.attention.self.relative_position_bias_table"),
+        *hf_mapping.block_rules(_BLOCK, _HF_BLOCK, "attention.self"),
+        (r"stage(\d+)_merge/(norm|reduction)",
+         r"encoder.layers.\1.downsample.\2"),
+        (r"norm", "layernorm"),
+    ),
+    renames=(
+        (r"\.attention\.relative_position_bias\.", r".attention.self."),
+        (r"\.attention\.([qkv])_proj\.", r".attention.self.\1_proj."),
+    ) + hf_mapping.BLOCK_RENAMES)
+
+
+def from_hf_config(cfg: dict[str, Any], path: str = "") -> dict[str, Any]:
+  """`Swin` fields from a SwinConfig dict (KeyError names an absent key)."""
+  hf_io.require_values(cfg, path, num_channels=(3,), hidden_act=("gelu",),
+                       use_absolute_embeddings=(False,))
+  return dict(image_size=hf_io.square_size(cfg, "image_size", path),
+              patch_size=hf_io.square_size(cfg, "patch_size", path),
+              width=cfg["embed_dim"], depths=tuple(cfg["depths"]),
+              num_heads=tuple(cfg["num_heads"]),
+              window_size=cfg["window_size"], mlp_ratio=cfg["mlp_ratio"],
+              qkv_bias=cfg.get("qkv_bias", True),
+              layer_norm_eps=cfg["layer_norm_eps"],
+              drop_path_rate=cfg.get("drop_path_rate", 0.1))

@@ -2,9 +2,10 @@
 
 Pre-norm encoder blocks with exact GELU, a CLS token and learned absolute
 position embeddings; the layout of Hugging Face `ViTModel` so ImageNet
-checkpoints convert one to one (see `hf_students.py`). Every matmul goes
-through the injected `layers.Ops`, so AQT int8 quantises the patch embedding,
-qkv, attention out, MLP and both attention matmuls (q k^T and attn v).
+checkpoints convert one to one (`from_hf_config`, `HF_MAPPING` below). Every
+matmul goes through the injected `layers.Ops`, so AQT int8 quantises the
+patch embedding, qkv, attention out, MLP and both attention matmuls (q k^T
+and attn v).
 
 Output of `ViT.__call__(images, train)`: a dict with
   stages: four (B, 1 + N, width) token maps, the outputs of blocks
@@ -21,6 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from edgevl_jax.models import hf_io
+from edgevl_jax.models import hf_mapping
 from edgevl_jax.models import layers
 from edgevl_jax.models.heads import check_images
 
@@ -193,3 +196,37 @@ class ViT(nn.Module):
                           name="norm")(x)
     return {"stages": tuple(outputs[i] for i in taps),
             "pooled": jnp.mean(x, axis=1)}
+
+
+# Hugging Face ViTModel / ViTForImageClassification.
+
+# Student field -> ViTConfig key, where the names differ.
+HF_FIELDS = {"width": "hidden_size", "depth": "num_hidden_layers",
+             "num_heads": "num_attention_heads", "mlp_dim": "intermediate_size"}
+
+HF_MAPPING = hf_mapping.StudentMapping(
+    model_type="vit", prefix="vit.",
+    rules=(
+        (r"cls_token", "embeddings.cls_token"),
+        (r"pos_embed", "embeddings.position_embeddings"),
+        (r"patch_embed", "embeddings.patch_embeddings.projection"),
+        *hf_mapping.block_rules(r"block(\d+)", r"encoder.layer.\1",
+                                "attention.attention"),
+        (r"norm", "layernorm"),
+    ),
+    renames=(
+        (r"^layers\.(\d+)\.", r"encoder.layer.\1."),
+        (r"\.attention\.([qkv])_proj\.", r".attention.attention.\1_proj."),
+    ) + hf_mapping.BLOCK_RENAMES)
+
+
+def from_hf_config(cfg: dict[str, Any], path: str = "") -> dict[str, Any]:
+  """`ViT` fields from a ViTConfig dict (KeyError names an absent key)."""
+  hf_io.require_values(cfg, path, num_channels=(3,), hidden_act=("gelu",))
+  return dict(image_size=hf_io.square_size(cfg, "image_size", path),
+              patch_size=hf_io.square_size(cfg, "patch_size", path),
+              width=cfg["hidden_size"], depth=cfg["num_hidden_layers"],
+              num_heads=cfg["num_attention_heads"],
+              mlp_dim=cfg["intermediate_size"],
+              layer_norm_eps=cfg["layer_norm_eps"],
+              qkv_bias=cfg.get("qkv_bias", True))

@@ -19,8 +19,6 @@ import jax.numpy as jnp
 from edgevl_jax.models import layers
 from edgevl_jax.models.heads import check_images
 
-_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-
 
 class WideBlock(nn.Module):
   """Pre-activation block: BN-ReLU-conv3x3-BN-ReLU-conv3x3 + shortcut."""
@@ -34,7 +32,7 @@ class WideBlock(nn.Module):
     """(B, H, W, C_in) -> (B, H / strides, W / strides, features)."""
     conv = lambda f, k, s, name: layers.conv(
         f, (k, k), ops=self.ops, strides=s, padding=((k // 2, k // 2),) * 2,
-        use_bias=False, kernel_init=_INIT, name=name)
+        use_bias=False, kernel_init=layers.conv_init, name=name)
     act = nn.relu(layers.BatchNorm(name="bn0")(
         x, use_running_average=not train))
     y = conv(self.features, 3, self.strides, "conv0")(act)
@@ -70,7 +68,8 @@ class WideResNet(nn.Module):
     check_images(images, "WideResNet", multiple=4)
     n = (self.depth - 4) // 6
     x = layers.conv(16, (3, 3), ops=self.ops, padding=((1, 1), (1, 1)),
-                    use_bias=False, kernel_init=_INIT, name="stem_conv")(images)
+                    use_bias=False, kernel_init=layers.conv_init,
+                    name="stem_conv")(images)
     stages = []
     for g, (width, stride) in enumerate(((16, 1), (32, 2), (64, 2))):
       for j in range(n):

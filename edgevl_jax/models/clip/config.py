@@ -112,6 +112,7 @@ class CLIPSpec:
 
   def to_hf(self) -> Any:
     """The equivalent `transformers.CLIPConfig`."""
+    # transformers takes seconds to import; only saving a folder needs it.
     import transformers  # pylint: disable=g-import-not-at-top
 
     d = json.loads(self.hf_json) if self.hf_json else {}

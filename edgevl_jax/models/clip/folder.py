@@ -22,17 +22,16 @@ reads config.json, the tokenizer's JSON files and the safetensors headers
 """
 from __future__ import annotations
 
-import json
 import os
-import struct
 from typing import Any
 
-from edgevl_jax.utils import jsonio
+from edgevl_jax.models import hf_io
+from edgevl_jax.utils import io
 
-SAFETENSORS = "model.safetensors"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-TORCH_BIN = "pytorch_model.bin"
-CONFIG = "config.json"
+SAFETENSORS = hf_io.SAFETENSORS
+SAFETENSORS_INDEX = hf_io.SAFETENSORS_INDEX
+TORCH_BIN = hf_io.TORCH_BIN
+CONFIG = hf_io.CONFIG
 # transformers' CLIPTextConfig default, used when config.json omits it.
 DEFAULT_TEXT_VOCAB_SIZE = 49408
 
@@ -66,7 +65,7 @@ def tokenizer_files_vocab_size(path: str) -> int:
   fix = "re-save the tokenizer (tokenizer.save_pretrained)"
   fast = os.path.join(path, "tokenizer.json")
   if os.path.isfile(fast):
-    tok = jsonio.read_json(fast, fix=fix)
+    tok = io.read_json(fast, fix=fix)
     vocab = (tok.get("model") or {}).get("vocab") or {}
     if isinstance(vocab, dict):
       ids += [int(i) for i in vocab.values()]
@@ -74,13 +73,13 @@ def tokenizer_files_vocab_size(path: str) -> int:
             if isinstance(t, dict) and "id" in t]
   else:
     vocab_file = os.path.join(path, "vocab.json")
-    ids += [int(i) for i in jsonio.read_json(vocab_file, fix=fix).values()]
+    ids += [int(i) for i in io.read_json(vocab_file, fix=fix).values()]
   added = os.path.join(path, "added_tokens.json")
   if os.path.isfile(added):
-    ids += [int(i) for i in jsonio.read_json(added, fix=fix).values()]
+    ids += [int(i) for i in io.read_json(added, fix=fix).values()]
   tok_config = os.path.join(path, "tokenizer_config.json")
   if os.path.isfile(tok_config):
-    decoder = jsonio.read_json(tok_config, fix=fix).get(
+    decoder = io.read_json(tok_config, fix=fix).get(
         "added_tokens_decoder") or {}
     ids += [int(i) for i in decoder]
   return max(ids) + 1 if ids else 0
@@ -122,64 +121,18 @@ def check_tokenizer_fits(tokenizer: Any, vocab_size: int, *,
     raise ValueError(message[0].upper() + message[1:] + ".")
 
 
-def safetensors_problem(file: str) -> str | None:
-  """Why `file` is not a complete safetensors file (header only), or None.
-
-  The format is an 8-byte little-endian header length, a JSON header giving
-  each tensor's byte range, then the data; a copy cut short is shorter than
-  the largest range end.
-  """
-  size = os.path.getsize(file)
-  if size < 8:
-    return f"{file} is truncated ({size} bytes; re-copy the checkpoint)"
-  with open(file, "rb") as f:
-    (header_len,) = struct.unpack("<Q", f.read(8))
-    if header_len > size - 8:
-      return (f"{file} is truncated or not a safetensors file (header of "
-              f"{header_len} bytes in a {size}-byte file); re-copy it")
-    try:
-      header = json.loads(f.read(header_len))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-      return f"{file} has a corrupt safetensors header; re-copy it"
-  ends = [int(v["data_offsets"][1]) for k, v in header.items()
-          if k != "__metadata__" and isinstance(v, dict)
-          and "data_offsets" in v]
-  want = 8 + header_len + max(ends, default=0)
-  if size < want:
-    return (f"{file} is truncated ({size} bytes, its header needs {want}); "
-            "re-copy the checkpoint")
-  return None
-
-
 def _weights_problems(path: str) -> tuple[str | None, list[str]]:
   """(weight file used, problems) of a CLIP folder's weights."""
-  single = os.path.join(path, SAFETENSORS)
-  index = os.path.join(path, SAFETENSORS_INDEX)
-  binary = os.path.join(path, TORCH_BIN)
-  if os.path.isfile(single):
-    problem = safetensors_problem(single)
-    return SAFETENSORS, [problem] if problem else []
-  if os.path.isfile(index):
-    try:
-      weight_map = jsonio.read_json(
-          index, required=("weight_map",),
-          fix="re-save the sharded checkpoint (save_pretrained)")["weight_map"]
-    except ValueError as e:
-      return SAFETENSORS_INDEX, [str(e).rstrip(".")]
-    problems = []
-    for shard in sorted(set(weight_map.values())):
-      shard_file = os.path.join(path, shard)
-      if not os.path.isfile(shard_file):
-        problems.append(f"shard {shard_file} listed in {index} is missing")
-      else:
-        problems += [p for p in [safetensors_problem(shard_file)] if p]
-    return SAFETENSORS_INDEX, problems
-  if os.path.isfile(binary):
-    if os.path.getsize(binary) == 0:
-      return TORCH_BIN, [f"{binary} is empty (0 bytes); re-copy it"]
-    return TORCH_BIN, []
-  return None, [f"no weights ({SAFETENSORS}, {SAFETENSORS_INDEX} or "
-                f"{TORCH_BIN})"]
+  try:
+    kind, files = hf_io.weight_files(path)
+  except ValueError as e:
+    return SAFETENSORS_INDEX, [str(e).rstrip(".")]
+  if kind is None:
+    return None, [f"no weights ({hf_io.WEIGHT_FILES})"]
+  if kind == TORCH_BIN:
+    empty = os.path.getsize(files[0]) == 0
+    return kind, [f"{files[0]} is empty (0 bytes); re-copy it"] if empty else []
+  return kind, [p for p in map(hf_io.safetensors_problem, files) if p]
 
 
 def check_clip_folder(path: str | os.PathLike[str], *,
@@ -213,7 +166,7 @@ def check_clip_folder(path: str | os.PathLike[str], *,
     problems.append(f"no {CONFIG}")
   else:
     try:
-      config = jsonio.read_json(config_file, fix="re-save the model")
+      config = io.read_json(config_file, fix="re-save the model")
     except ValueError as e:
       problems.append(str(e).rstrip("."))
     else:

@@ -4,19 +4,27 @@ No tokenizer can be downloaded here, so demos and tests train their own
 byte-level BPE in CLIP's format (lowercased, `</w>` end-of-word suffix,
 `<|startoftext|>` / `<|endoftext|>`, CLIP's pre-tokenisation regex) and save
 it as a folder that both `load_tokenizer` and HF `CLIPTokenizer` read.
-transformers and tokenizers are imported lazily (they are slow to import).
+transformers is imported lazily (it takes seconds to import).
 """
 from __future__ import annotations
 
 import collections
 import json
 import os
+import tempfile
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+from tokenizers import Regex
+from tokenizers import Tokenizer
+from tokenizers import decoders
+from tokenizers import models as bpe_models
+from tokenizers import normalizers
+from tokenizers import pre_tokenizers
+from tokenizers import processors
 
-from edgevl_jax.models import clip_folder
-from edgevl_jax.utils import jsonio
+from edgevl_jax.models.clip import folder as clip_folder
+from edgevl_jax.utils import io
 
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
@@ -57,8 +65,9 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Any:
         + clip_folder.CLIP_FOLDER_CONTENTS)
   # transformers reads config.json too; read it first for a clear error.
   config_file = os.path.join(path, clip_folder.CONFIG)
-  config = (jsonio.read_json(config_file, fix="re-save the model")
+  config = (io.read_json(config_file, fix="re-save the model")
             if os.path.isfile(config_file) else {})
+  # transformers takes seconds to import; only loading a tokenizer needs it.
   import transformers  # pylint: disable=g-import-not-at-top
 
   try:
@@ -116,8 +125,6 @@ def train_tokenizer(texts: Iterable[str], path: str | os.PathLike[str], *,
   Returns:
     `path` as a string.
   """
-  from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors  # pylint: disable=g-import-not-at-top
-
   texts = list(texts)
   if not texts:
     raise ValueError("train_tokenizer: texts is empty; pass the corpus "
@@ -127,8 +134,7 @@ def train_tokenizer(texts: Iterable[str], path: str | os.PathLike[str], *,
     raise ValueError(
         f"train_tokenizer: vocab_size={vocab_size} is smaller than the byte "
         f"alphabet plus specials ({len(alphabet) + 2}); raise it.")
-  tok = Tokenizer(models.BPE(unk_token=EOS, end_of_word_suffix="</w>",
-                             continuing_subword_prefix="", fuse_unk=False))
+  tok = Tokenizer(_bpe())
   tok.normalizer = normalizers.Sequence([
       normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
       normalizers.Lowercase()])
@@ -142,30 +148,37 @@ def train_tokenizer(texts: Iterable[str], path: str | os.PathLike[str], *,
           tok.normalizer.normalize_str(text)))
   vocab, merges = _learn_bpe(words, alphabet, vocab_size=vocab_size,
                              min_frequency=min_frequency)
-  tok.model = models.BPE(vocab=vocab, merges=merges, unk_token=EOS,
-                         end_of_word_suffix="</w>",
-                         continuing_subword_prefix="", fuse_unk=False)
+  tok.model = _bpe(vocab=vocab, merges=merges)
   _add_word_final_bytes(tok, alphabet)
   tok.post_processor = processors.RobertaProcessing(
       (EOS, tok.token_to_id(EOS)), (BOS, tok.token_to_id(BOS)),
       trim_offsets=False, add_prefix_space=False)
 
   path = os.fspath(path)
-  os.makedirs(path, exist_ok=True)
-  tok.model.save(path)  # vocab.json, merges.txt: what CLIPTokenizer reads
-  tok.save(os.path.join(path, "tokenizer.json"))
-  config = {
+  # vocab.json, merges.txt (what CLIPTokenizer reads) in the format of
+  # `tokenizers`, which writes them itself: copied over atomically.
+  with tempfile.TemporaryDirectory() as tmp:
+    for file in tok.model.save(tmp):
+      with open(file, "rb") as f:
+        io.atomic_write_bytes(os.path.join(path, os.path.basename(file)),
+                              f.read())
+  io.atomic_write_text(os.path.join(path, "tokenizer.json"),
+                       tok.to_str(pretty=True))
+  io.atomic_write_json(os.path.join(path, "tokenizer_config.json"), {
       "tokenizer_class": "CLIPTokenizer", "bos_token": BOS, "eos_token": EOS,
       "unk_token": EOS, "pad_token": EOS, "do_lower_case": True,
       "model_max_length": model_max_length,
       "model_input_names": ["input_ids", "attention_mask"],
-  }
-  with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-    json.dump(config, f, indent=2)
-  with open(os.path.join(path, "special_tokens_map.json"), "w") as f:
-    json.dump({"bos_token": BOS, "eos_token": EOS, "unk_token": EOS,
-               "pad_token": EOS}, f, indent=2)
+  })
+  io.atomic_write_json(os.path.join(path, "special_tokens_map.json"), {
+      "bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS})
   return path
+
+
+def _bpe(**kwargs: Any) -> bpe_models.BPE:
+  """A BPE model in CLIP's format: `</w>` marks a word's end."""
+  return bpe_models.BPE(unk_token=EOS, end_of_word_suffix="</w>",
+                        continuing_subword_prefix="", fuse_unk=False, **kwargs)
 
 
 def _learn_bpe(words: collections.Counter, alphabet: Sequence[str], *,
@@ -233,12 +246,7 @@ def _add_word_final_bytes(tok: Any, alphabet: Sequence[str]) -> None:
     vocab = dict(vocab)
     for token in missing:
       vocab[token] = len(vocab)
-    merges = _read_merges(model)
-    from tokenizers import models  # pylint: disable=g-import-not-at-top
-
-    tok.model = models.BPE(vocab=vocab, merges=merges, unk_token=EOS,
-                           end_of_word_suffix="</w>",
-                           continuing_subword_prefix="", fuse_unk=False)
+    tok.model = _bpe(vocab=vocab, merges=_read_merges(model))
 
 
 def _read_merges(model: Any) -> list[tuple[str, str]]:

@@ -2,14 +2,14 @@
 
 The module tree mirrors `transformers.CLIPModel` (`vision_model.embeddings.
 patch_embedding`, `text_model.encoder.layers_3.self_attn.q_proj`, ...), so
-converting a checkpoint is a rename plus transposes (see clip_convert.py).
+converting a checkpoint is a rename plus transposes (see convert.py).
 Both towers are pre-LN transformers; the vision tower pools the post-LN class
 token, the text tower the first end-of-text token under a causal mask.
 
 Every matmul goes through `layers.dense` / `layers.einsum` / `layers.conv`
 with the injected `ops`, so AQT quantises the teacher without forking it.
 
-Usage:
+Usage (through the package, `from edgevl_jax.models import clip`):
   clip.check_clip_folder(path)   # cheap: config, weight headers, tokenizer
   model, params = clip.load_pretrained(path)
   emb = model.apply({'params': params}, images, method='encode_image')
@@ -22,11 +22,14 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from edgevl_jax.models import layers
-from edgevl_jax.models.clip_config import ACTIVATIONS, CLIPSpec, TextConfig, TowerConfig, VisionConfig  # pylint: disable=unused-import
-from edgevl_jax.models.clip_tokenizer import tokenize  # pylint: disable=unused-import
+from edgevl_jax.models.clip.config import ACTIVATIONS
+from edgevl_jax.models.clip.config import CLIPSpec
+from edgevl_jax.models.clip.config import TextConfig
+from edgevl_jax.models.clip.config import TowerConfig
+from edgevl_jax.models.clip.config import VisionConfig
+
 
 def _normal(std: float, axes: tuple[str | None, ...]) -> Callable:
   return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
@@ -294,15 +297,15 @@ class CLIP(nn.Module):
       dict with image_embeds (B_i, D), text_embeds (B_t, D),
       logits_per_image (B_i, B_t) and logits_per_text (B_t, B_i).
     """
-    img = _l2_normalize(self.encode_image(images))
-    txt = _l2_normalize(self.encode_text(input_ids, attention_mask))
+    img = l2_normalize(self.encode_image(images))
+    txt = l2_normalize(self.encode_text(input_ids, attention_mask))
     logits_per_text = txt @ img.T * jnp.exp(self.logit_scale)
     return {"image_embeds": img, "text_embeds": txt,
             "logits_per_image": logits_per_text.T,
             "logits_per_text": logits_per_text}
 
 
-def _l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
+def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
   return x / jnp.linalg.norm(x, axis=axis, keepdims=True)
 
 
@@ -350,67 +353,3 @@ def param_shardings(model: CLIP, mesh: jax.sharding.Mesh,
   """NamedShardings for the params of `model` on `mesh` under `rules`."""
   return nn.logical_to_mesh_sharding(param_logical_specs(model), mesh,
                                      tuple(rules))
-
-
-@functools.lru_cache(maxsize=16)
-def text_encoder(model: CLIP) -> Callable[..., jax.Array]:
-  """Jitted `(params, input_ids, attention_mask) -> (B, D)` text embeddings,
-  cached per model so repeated classifiers compile once per batch shape."""
-  return jax.jit(lambda p, i, m: model.apply({"params": p}, i, m,
-                                             method="encode_text"))
-
-
-def zero_shot_classifier(model: CLIP, params: Any, tokenizer: Any,
-                         class_names: Sequence[str],
-                         templates: Sequence[str] | str, *,
-                         max_length: int | None = None,
-                         batch_size: int = 256) -> jax.Array:
-  """CLIP prompt-ensembled zero-shot text classifier.
-
-  Each "template.format(name)" prompt is embedded and L2-normalised; the
-  prompts of a class are averaged over templates and L2-normalised again.
-
-  Args:
-    model, params: the teacher and its params.
-    tokenizer: from `load_tokenizer`.
-    class_names: C names.
-    templates: T templates with one `{}`, e.g. "a photo of a {}.".
-    max_length: token length (default: the text tower's position count).
-    batch_size: prompts per forward pass (the last batch is padded so the
-      jitted forward compiles once).
-
-  Returns:
-    (C, D) float32, rows of unit norm.
-  """
-  templates = [templates] if isinstance(templates, str) else list(templates)
-  class_names = list(class_names)
-  if not class_names or not templates:
-    raise ValueError("zero_shot_classifier: class_names and templates must "
-                     f"be non-empty, found {len(class_names)} names and "
-                     f"{len(templates)} templates.")
-  bad = [t for t in templates if "{}" not in t]
-  if bad:
-    raise ValueError(f"zero_shot_classifier: templates {bad} lack the '{{}}' "
-                     "placeholder for the class name.")
-  max_length = max_length or model.config.text.max_position_embeddings
-  prompts = [t.format(name) for name in class_names for t in templates]
-  ids, mask = tokenize(tokenizer, prompts, max_length=max_length)
-  vocab_size = model.config.text.vocab_size
-  if ids.size and int(ids.max()) >= vocab_size:
-    raise ValueError(
-        f"zero_shot_classifier: the tokenizer produced token id "
-        f"{int(ids.max())} but the text tower has vocab_size={vocab_size} "
-        "(ids must be < vocab_size; larger ones give NaN text features); use "
-        "the tokenizer saved with the teacher (clip.load_tokenizer(folder)).")
-  n = len(prompts)
-  batch = min(batch_size, n)
-  pad = (-n) % batch
-  ids = np.concatenate([ids, np.repeat(ids[-1:], pad, 0)])
-  mask = np.concatenate([mask, np.repeat(mask[-1:], pad, 0)])
-  encode = text_encoder(model)
-  emb = jnp.concatenate([
-      _l2_normalize(encode(params, ids[s:s + batch], mask[s:s + batch]))
-      for s in range(0, n + pad, batch)])[:n]
-  emb = emb.reshape(len(class_names), len(templates), -1).mean(axis=1)
-  return _l2_normalize(emb)
-
