@@ -272,3 +272,49 @@ def test_qat_gradients_flow_to_every_kernel(vit_params):
       assert np.abs(gq).max() > 0.0, path
       cos = gq @ gf / (np.linalg.norm(gq) * np.linalg.norm(gf))
       assert cos > 0.9, (path, cos)
+
+
+def _float_input_ranges(variables, images):
+  """max |x| of every array argument of every quantised op of the fp32
+  TinyViT, by module name (the reference's float calibration)."""
+  ranges = {}
+
+  def record(next_fun, args, kwargs, context):
+    if context.method_name == "__call__":
+      arrays = [a for a in args if isinstance(a, jax.Array)]
+      if context.module.name in ("patch", "qkv", "qk", "av", "proj", "head"):
+        ranges.setdefault(context.module.name, []).extend(
+            float(jnp.abs(a).max()) for a in arrays)
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    TinyViT().apply(variables, images)
+  return ranges
+
+
+@pytest.mark.parametrize("float_calibration", [True, False])
+def test_float_calibration_measures_the_float_forward_pass(
+    vit_params, float_calibration):
+  """Default (reference protocol): ranges are those of the fp32 model; the
+  fake-quant calibration sees quantised inputs downstream and differs."""
+  images = _images(5, 2.0)
+  spec = quant.int8("static", phase="calibrate")
+  assert spec.float_calibration  # the default
+  spec = spec.replace(float_calibration=float_calibration)
+  stats = quant.calibrate(TinyViT(spec).apply, vit_params,
+                          [images])[quant.QUANT_STATS]
+  expected = _float_input_ranges(vit_params, images)
+  worst = 0.0
+  for name, maxima in expected.items():
+    got = sorted(float(np.max(l)) for l in jax.tree.leaves(stats[name]))
+    assert len(got) == len(maxima), name
+    rel = np.abs(np.array(got) - np.array(sorted(maxima))) / np.array(got)
+    worst = max(worst, float(rel.max()))
+  if float_calibration:
+    assert worst < 1e-5, worst
+  else:
+    assert worst > 1e-4, worst  # the quantised forward shifts the ranges
+  # The patch embedding sees the raw images in both modes.
+  patch = stats["patch"]["QuantConvGeneralDilated_0"]["lhs_calibration"]
+  np.testing.assert_allclose(np.asarray(patch["amax"]).ravel(),
+                             [np.abs(np.asarray(images)).max()], rtol=1e-6)

@@ -2,7 +2,10 @@
 
 The paper's reported numbers (and its export) use static activation ranges:
 the running max of |x| over 2 batches of 32 train images, RGB and non-RGB
-both, then frozen. Weights are per output channel in every case.
+both, then frozen, measured with quantisation disabled (float forward
+pass, the reference's protocol; `calibration_mode='fake_quant'` measures
+them on the fake-quant forward pass instead). Weights are per output
+channel in every case.
 """
 from __future__ import annotations
 
@@ -33,13 +36,17 @@ SCHEMA: config_lib.Schema = {
     "calibration_batch_size": f(32, "pairs per calibration batch"),
     "calibration_batches": f(2, "calibration batches (train, curated)"),
     "crop_scale": f((0.08, 1.0), "crop scale of the calibration images"),
+    "calibration_mode": f("float", "ranges measured on the 'float' forward "
+                          "pass (reference) or the 'fake_quant' one"),
 }
+CALIBRATION_MODES = ("float", "fake_quant")
 del f
 
 
 def validate(config: Any) -> None:
   """The checks of a job built on SCHEMA; no compute."""
   checks.common_edgevl(config)
+  config_lib.require(config, "calibration_mode", allowed=CALIBRATION_MODES)
   checks.positive_ints(config, "calibration_batch_size",
                        "calibration_batches")
   checks.teacher_folder(config)
@@ -63,10 +70,19 @@ def calibration_inputs(source: Any, *, normalization: str, image_size: int,
 
 
 def calibrated_variables(meta: Mapping[str, Any], params: Any,
-                         batches: list[jax.Array]) -> dict[str, Any]:
-  """{'params', 'quant_stats'}: static int8 ranges from `batches`."""
-  spec = quant.int8(calibration="static")
-  m_cal = handoff.build_student(meta, spec.replace(phase="calibrate"))
+                         batches: list[jax.Array], mode: str = "float"
+                         ) -> dict[str, Any]:
+  """{'params', 'quant_stats'}: static int8 ranges from `batches`.
+
+  mode: 'float' (quantisation disabled while measuring, the reference) or
+  'fake_quant' (each range sees the quantised outputs of the layers before).
+  """
+  if mode not in CALIBRATION_MODES:
+    raise ValueError(f"calibration mode {mode!r}; expected one of "
+                     f"{CALIBRATION_MODES}.")
+  spec = quant.int8(calibration="static").replace(
+      phase="calibrate", float_calibration=mode == "float")
+  m_cal = handoff.build_student(meta, spec)
   return quant.calibrate(m_cal.apply, {"params": params}, batches)
 
 
@@ -84,7 +100,7 @@ def calibrate_student(config: Any, student_path: str, source: Any,
   key = ("calibration", os.path.abspath(student_path),
          config.calibration_batch_size, config.calibration_batches,
          config.seed, config.pseudo_labels, tuple(config.crop_scale),
-         config.image_size)
+         config.image_size, config.calibration_mode)
   if cache is not None and key in cache:
     return cache[key]
   _, params, meta = handoff.load_student(student_path)
@@ -93,7 +109,8 @@ def calibrate_student(config: Any, student_path: str, source: Any,
       image_size=config.image_size, batch_size=config.calibration_batch_size,
       num_batches=config.calibration_batches, seed=config.seed,
       indices=indices, crop_scale=tuple(config.crop_scale))
-  out = (meta, calibrated_variables(meta, params, batches), params)
+  out = (meta, calibrated_variables(meta, params, batches,
+                                    config.calibration_mode), params)
   if cache is not None:
     cache[key] = out
   return out

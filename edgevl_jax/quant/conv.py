@@ -41,12 +41,15 @@ class QuantConvGeneralDilated(nn.Module):
     act_bits: 8, or None for weight-only quantisation.
     static: activation range from `RunningAbsMaxCalibration` (else dynamic).
     phase: 'train' | 'calibrate' | 'convert' | 'serve'.
+    float_forward: (phase 'calibrate') record the input range, then run the
+      float conv (the reference calibrates with quantisation disabled).
   """
 
   weight_bits: int = 8
   act_bits: int | None = 8
   static: bool = False
   phase: str = "train"
+  float_forward: bool = False
 
   def _input_step(self, lhs: jax.Array) -> jax.Array:
     if self.static:
@@ -107,6 +110,8 @@ class QuantConvGeneralDilated(nn.Module):
       return out * w_step.astype(out.dtype)
 
     x_step = self._input_step(lhs)
+    if self.float_forward:
+      return conv(lhs, rhs, precision=precision)
     qx = numerics.ste_quantize(lhs, x_step, self.act_bits)
     if self.phase == "serve":
       out = conv(qx.astype(jnp.int8), qw.astype(jnp.int8),

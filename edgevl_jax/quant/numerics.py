@@ -60,6 +60,19 @@ def aqt_numerics(bits: int) -> int_numerics.IntSymmetric:
   )
 
 
+def passthrough_numerics(bits: int) -> int_numerics.IntSymmetric:
+  """`aqt_numerics(bits)` without clipping, rounding or the integer cast.
+
+  AQT still asks the layer's calibration for the step (so a static range
+  records its running max) but x / step * step is x up to one float
+  rounding: the float forward pass of the reference's calibration (the
+  ranges are measured with quantisation disabled).
+  """
+  return int_numerics.IntSymmetric(
+      bits=bits, preserve_zero=True, preserve_max_val=True, clip=False,
+      clip_gradient=False, round=False, noise_fn=None, dtype=None)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _round_clip(v: jax.Array, bound: float) -> jax.Array:
   return jnp.round(jnp.clip(v, -bound, bound))
