@@ -158,6 +158,10 @@ class Swin(nn.Module):
     mlp_ratio: MLP hidden / width (4).
     drop_path_rate: stochastic depth of the last block (linear from 0 over
       all blocks).
+    quantize_patch_embed: run the patch-embedding conv through `ops` (i.e.
+      int8 in a quantised student). False (default): it stays float, as in
+      the EdgeVL reference's quantised Swin; every other Dense and the
+      attention matmuls follow `ops`.
   """
 
   image_size: int = 224
@@ -170,6 +174,7 @@ class Swin(nn.Module):
   drop_path_rate: float = 0.2
   layer_norm_eps: float = 1e-5
   qkv_bias: bool = True
+  quantize_patch_embed: bool = False
   ops: layers.Ops = layers.Ops()
   dtype: Any = jnp.float32
 
@@ -182,7 +187,8 @@ class Swin(nn.Module):
           "must have the same length (one entry per stage).")
     check_images(images, "Swin", multiple=self.patch_size)
     x = layers.conv(
-        self.width, (self.patch_size, self.patch_size), ops=self.ops,
+        self.width, (self.patch_size, self.patch_size),
+        ops=self.ops if self.quantize_patch_embed else layers.Ops(),
         strides=self.patch_size, padding="VALID", dtype=self.dtype,
         name="patch_embed")(images.astype(self.dtype))
     # The patch norm is a plain nn.LayerNorm in the reference (eps 1e-5).
