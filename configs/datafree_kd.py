@@ -15,10 +15,11 @@ teacher ensemble).
 
 Paper settings (student ResNet-18 multi-head, 3 teachers, nz = 256):
   cifar100:      32 px, batch 256, 300 epochs x 50 iterations, milestones
-                 100/200, w_ens 5;
-  caltech101:    128 px, batch 64, same schedule, w_ens 5;
+                 100/200, w_ens 5, w_feat 0.2, CIFAR stem (3x3/1);
+  caltech101:    128 px, batch 64, same schedule, w_ens 5, w_feat 0.2,
+                 ImageNet stem (7x7/2 + max-pool);
   mini_imagenet: 224 px, batch 64, 100 epochs x 750 iterations, milestones
-                 30/60/90, w_ens 1.
+                 30/60/90, w_ens 1, w_feat 0.05, ImageNet stem.
 These need teachers trained on the real data (`teachers_dir`, a
 'classifier' workdir) and the dataset prepared under `data_dir` for the
 final evaluation. `quick` shrinks the default pipeline for tests.

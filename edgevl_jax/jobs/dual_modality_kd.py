@@ -54,6 +54,7 @@ def defaults() -> config_lib.Schema:
                          "split)"),
       "image_size": f(224, "input side S"),
       "batch_size": f(32, "pairs per step (global)"),
+      **curation.STAGE_SCHEMA,
       "num_steps": f(1000, "optimiser steps"),
       "optim": optim_lib.OPTIM_SCHEMA,
       "crop_scale": f((0.08, 1.0), "random resized crop scale range"),
@@ -76,6 +77,7 @@ def validate(config: Any) -> None:
                      check=lambda v: v >= 0, expected=">= 0")
   checks.normalization(config, "teacher_normalization")
   checks.common_edgevl(config)
+  curation.validate_stage(config)
   checks.positive_ints(config, "num_steps")
   checks.teacher_folder(config)
   checks.batch_fits_devices(config)
@@ -165,7 +167,10 @@ def build(config: Any, ctx: runner.Context) -> runner.TrainSpec:
   model = handoff.build_student(meta)
   t_norm = handoff.normalizer(config.teacher_normalization)
   s_norm = handoff.normalizer(config.student.normalization)
-  indices, _ = curation.curated_subset(config.pseudo_labels)
+  indices, _ = curation.curated_subset(config.pseudo_labels,
+                                      config.kept_fraction)
+  schedule = curation.stage_schedule(
+      config, len(train_src) if indices is None else len(indices))
   encode_teacher = functools.partial(_encode_teacher, teacher, t_norm)
   batches = _batches(config, ctx, train_src, indices, encode_teacher,
                      t_params)
@@ -179,7 +184,8 @@ def build(config: Any, ctx: runner.Context) -> runner.TrainSpec:
     return {"student_path": ".",
             "kd": {**validation.best_report(best, other),
                    "loss": summary.get("loss"),
-                   "kept_examples": None if indices is None else len(indices)}}
+                   "kept_examples": None if indices is None else len(indices),
+                   **schedule}}
 
   return runner.TrainSpec(
       init=student_spec.student_init_fn(
@@ -189,7 +195,8 @@ def build(config: Any, ctx: runner.Context) -> runner.TrainSpec:
                            mode=config.student_inputs, t_norm=t_norm,
                            s_norm=s_norm),
       aux=(t_params,), aux_shardings=(mesh_lib.tree_shardings(t_params),),
-      batches=batches, num_steps=config.num_steps,
+      batches=batches, num_steps=schedule["num_steps"],
+      steps_per_epoch=schedule["steps_per_epoch"],
       prepare=lambda b: mesh_lib.shard_batch({k: b[k] for k in keys}, mesh),
       rules=(mesh_lib.REPLICATED_RULES
              if config.student_sharding == "replicated"

@@ -1,7 +1,11 @@
 """Job 'pseudo_labels': teacher zero-shot labels and curation (EdgeVL).
 
 The frozen teacher labels every RGB train image against the dataset's
-generic superset vocabulary: p = softmax(100 cos(img, text)),
+generic superset vocabulary (`vocabulary='published'`: the reference's
+lists, written before the evaluation classes were chosen;
+'dataset_classes' labels against the evaluation class names instead, which
+hands the test taxonomy to curation and to the stage-2 positives):
+p = softmax(100 cos(img, text)),
 label = argmax p, confidence = max p. The most confident `kept_fraction` of
 the split is kept (edgevl/curation.py). True labels are read only to report
 the pseudo-label accuracy (analysis), never to select anything.
@@ -26,6 +30,7 @@ from edgevl_jax.run import metrics as metrics_lib
 from edgevl_jax.run import runner
 
 f = config_lib.field
+VOCABULARIES = ("published", "dataset_classes")
 
 
 def defaults() -> config_lib.Schema:
@@ -34,6 +39,9 @@ def defaults() -> config_lib.Schema:
       **handoff.TEACHER_SCHEMA,
       "image_size": f(224, "input side S"),
       "kept_fraction": f(0.5, "most confident fraction kept, in (0, 1]"),
+      "vocabulary": f("published", f"one of {VOCABULARIES}: the "
+                      "dataset's generic superset list, or its own class "
+                      "names"),
       "prompt_ensemble": f(False, "all prompt templates instead of the "
                            "first"),
   }
@@ -44,6 +52,7 @@ def validate(config: Any) -> None:
   """Names the bad key before any compute."""
   checks.common_edgevl(config)
   checks.normalization(config, "teacher_normalization")
+  config_lib.require(config, "vocabulary", allowed=VOCABULARIES)
   config_lib.require(config, "kept_fraction", types=float,
                      check=lambda v: 0 < v <= 1, expected="in (0, 1]")
   checks.teacher_folder(config)
@@ -56,7 +65,8 @@ def run(config: Any, ctx: runner.Context) -> dict[str, Any]:
   model, params, tokenizer = handoff.load_teacher(config.teacher)
   templates = (info.prompt_templates if config.prompt_ensemble
                else info.prompt_templates[:1])
-  vocab = list(info.superset_vocabulary)
+  vocab = list(info.superset_vocabulary if config.vocabulary == "published"
+               else info.class_names)
   text = handoff.text_features(model, params, tokenizer, vocab, templates)
   norm = handoff.normalizer(config.teacher_normalization)
   encode = jax.jit(lambda x: model.apply({"params": params}, norm(x),

@@ -55,6 +55,7 @@ def defaults() -> config_lib.Schema:
       "pseudo_labels": f("", "pseudo_labels workdir (positives/negatives)"),
       "image_size": f(224, "input side S"),
       "batch_size": f(4, "anchors (offline: triplet groups) per step"),
+      **curation.STAGE_SCHEMA,
       "num_steps": f(100, "optimiser steps"),
       "optim": optim_lib.OPTIM_SCHEMA,
       "crop_scale": f((0.08, 1.0), "random resized crop scale range"),
@@ -71,6 +72,7 @@ def defaults() -> config_lib.Schema:
 def validate(config: Any) -> None:
   """Names the bad key before any compute."""
   checks.common_edgevl(config)
+  curation.validate_stage(config)
   checks.positive_ints(config, "num_steps", "max_negatives")
   config_lib.require_positive(config, "margin")
   config_lib.require(config, "mining", allowed=MINING)
@@ -149,7 +151,10 @@ def build(config: Any, ctx: runner.Context) -> runner.TrainSpec:
   text = handoff.text_features(teacher, t_params, tokenizer,
                                info.class_names, info.prompt_templates[:1])
   del teacher, t_params
-  indices, plabels = curation.curated_subset(config.pseudo_labels)
+  indices, plabels = curation.curated_subset(config.pseudo_labels,
+                                             config.kept_fraction)
+  schedule = curation.stage_schedule(
+      config, len(train_src) if indices is None else len(indices))
   norm = handoff.normalizer(meta["normalization"])
   online = config.mining == "online"
   crop = tuple(config.crop_scale)
@@ -185,14 +190,15 @@ def build(config: Any, ctx: runner.Context) -> runner.TrainSpec:
     first = getattr(batches, "num_triplets", [])
     return {"student_path": ".",
             "qat": {**validation.best_report(best, info.other_modality),
-                    "loss": summary.get("loss"),
+                    "loss": summary.get("loss"), **schedule,
                     "triplets_first_epoch": first[0] if first else None}}
 
   return runner.TrainSpec(
       init=lambda k: {"params": init_params},
       step=make_train_step(model, norm, margin=float(config.margin),
                            online=online),
-      batches=batches, num_steps=config.num_steps,
+      batches=batches, num_steps=schedule["num_steps"],
+      steps_per_epoch=schedule["steps_per_epoch"],
       prepare=lambda b: mesh_lib.shard_batch({k: b[k] for k in keys}, mesh),
       rules=mesh_lib.REPLICATED_RULES,
       evaluators=[validation.ZeroShotValidation(

@@ -41,27 +41,32 @@ def pseudo_labels(*, teacher, kept_fraction,
       teacher_normalization=teacher_normalization))
 
 
-def dual_modality_kd(*, teacher, pseudo, student, batch_size, num_steps,
-                     optim, crop_scale=(0.08, 1.0),
+def _steps(num_steps):
+  """{} when a stage counts epochs instead (its schema default stays)."""
+  return {} if num_steps is None else {"num_steps": num_steps}
+
+
+def dual_modality_kd(*, teacher, pseudo, student, batch_size, optim,
+                     num_steps=None, crop_scale=(0.08, 1.0),
                      teacher_normalization="clip", kd_loss="l1",
                      student_inputs="both", cache_views=0,
                      **run_keys) -> Stage:
   """Stage 1; `student` is {name, normalization, overrides[, hf_path]}."""
   return ("dual_modality_kd", "dual_modality_kd", dict(
       teacher=teacher, pseudo_labels=pseudo, student=student,
-      batch_size=batch_size, num_steps=num_steps, optim=optim,
+      batch_size=batch_size, **_steps(num_steps), optim=optim,
       crop_scale=crop_scale, teacher_normalization=teacher_normalization,
       kd_loss=kd_loss, student_inputs=student_inputs,
       teacher_cache=dict(num_views=cache_views), **run_keys))
 
 
-def qat_contrastive(*, init_from, teacher, pseudo, batch_size, num_steps,
-                    optim, crop_scale=(0.08, 1.0), mining="offline",
+def qat_contrastive(*, init_from, teacher, pseudo, batch_size, optim,
+                    num_steps=None, crop_scale=(0.08, 1.0), mining="offline",
                     mining_space="normalized", margin=0.3, max_negatives=3,
                     **run_keys) -> Stage:
   return ("qat_contrastive", "qat_contrastive", dict(
       init_from=init_from, teacher=teacher, pseudo_labels=pseudo,
-      batch_size=batch_size, num_steps=num_steps, optim=optim,
+      batch_size=batch_size, **_steps(num_steps), optim=optim,
       crop_scale=crop_scale, mining=mining, mining_space=mining_space,
       margin=margin, max_negatives=max_negatives, quant="int8", **run_keys))
 
@@ -135,49 +140,96 @@ def _tiny_overrides(name):
   return {}
 
 
-def paper_config(arg, *, dataset, kept_fraction, data_config="",
+# Curated fractions (stage 1, stage 2) of the EdgeVL reference configs;
+# datasets/students they do not list take the nearest listed setting.
+_VIT_KEPT = (0.25, 0.25)
+_KEPT = {"scannet": (0.20, 0.25), "nyuv2": (0.20, 0.25),
+         "eurosat": (0.10, 0.50),
+         # SUN RGB-D: no curation in stage 1.
+         "sun_rgbd": (1.0, 0.98)}
+_MARGIN = {"sun_rgbd": 0.15}
+PAPER_DATASETS = tuple(_KEPT)
+STUDENT_HF_HELP = (
+    "The paper starts students from ImageNet weights: pass "
+    "student_hf=PATH, a Hugging Face folder of the student's architecture "
+    "(config.json + model.safetensors, e.g. what "
+    "`transformers.AutoModel.from_pretrained('microsoft/swin-tiny-patch4-"
+    "window7-224').save_pretrained(PATH)` writes on a machine with internet; "
+    "google/vit-base-patch16-224 for ViT-B/16, microsoft/resnet-18 for "
+    "ResNet-18), or student_hf=none to train from scratch.")
+
+
+def reference_curation(dataset: str, student: str
+                       ) -> tuple[tuple[float, float], float]:
+  """((stage-1, stage-2) kept fractions, triplet margin) of the reference.
+
+  ScanNet Swin 0.20 / 0.25, EuroSAT Swin 0.10 / 0.50, ViT students 0.25 /
+  0.25, SUN RGB-D 1.0 (no curation) / 0.98 with margin 0.15 (0.3
+  elsewhere). CNN students and NYUv2 take the Swin / ScanNet settings.
+  """
+  if dataset not in _KEPT:
+    raise ValueError(f"dataset {dataset!r}; choose one of "
+                     f"{sorted(_KEPT)}.")
+  kept = _KEPT[dataset]
+  if student.startswith("vit") and dataset != "sun_rgbd":
+    kept = _VIT_KEPT
+  return kept, _MARGIN.get(dataset, 0.3)
+
+
+def paper_config(arg, *, dataset, data_config="",
                  default_student="swin_t_edgevl", mining="offline"):
-  """EdgeVL on a real dataset with the paper's hyper-parameters.
+  """EdgeVL on a real dataset with the paper's protocol.
+
+  Each stage runs `epochs` (120) epochs over its own curated subset at its
+  own batch (stage 1: 32 pairs, stage 2: 4 anchors); the steps are computed
+  by the stage from its subset size and recorded in report.json
+  (kd/qat.num_steps, steps_per_epoch, epochs). Curated fractions and the
+  margin per dataset and student: `reference_curation`. The pseudo-label
+  vocabulary is the published superset list (the pseudo_labels key
+  vocabulary=dataset_classes uses the evaluation classes instead). Static
+  int8 ranges are calibrated on the float forward pass; Swin's patch
+  embedding stays float (student override quantize_patch_embed=True
+  quantises it), ViT's is quantised.
 
   Args (config arg string): student=NAME, teacher=PATH (an HF CLIP folder,
-  required for real runs), student_hf=PATH (a Hugging Face ImageNet folder of
-  the student's architecture to start stage 1 from; '' = from scratch; with
-  runlocal the tiny overrides are skipped, the folder sets the model),
-  data_dir=PATH, source_dir=PATH (local copy of the dataset for the
-  builders), seed=N, mining=offline|online,
+  required for real runs), student_hf=PATH|none (required: a Hugging Face
+  ImageNet folder of the student's architecture to start stage 1 from, or
+  'none' for from scratch; with runlocal it defaults to none and a folder
+  replaces the tiny overrides), data_dir=PATH, source_dir=PATH (local copy
+  of the dataset for the builders), seed=N, mining=offline|online,
   mining_space=normalized|unnormalized, teacher_normalization=clip|imagenet,
-  epochs=N (120), steps_per_epoch=N (curated train size / batch size),
-  runlocal (tiny sizes and steps for a laptop smoke run).
+  epochs=N (120, both stages), runlocal (tiny sizes, one epoch per stage,
+  for a laptop smoke run).
   """
   args = config_lib.parse_arg(
       arg, student=default_student, teacher="", student_hf="",
       data_dir="workdirs/tfds", source_dir=data_config, seed=0, mining=mining,
       mining_space="normalized", teacher_normalization="clip",
-      runlocal=False, epochs=120, steps_per_epoch=100)
+      runlocal=False, epochs=120)
   if args.student not in STUDENTS:
     raise ValueError(f"config arg student={args.student!r}; choose one of "
                      f"{list(STUDENTS)}.")
   local = args.runlocal
+  if not args.student_hf and not local:
+    raise ValueError(f"config arg student_hf is not set. {STUDENT_HF_HELP}")
+  student_hf = "" if args.student_hf.lower() == "none" else args.student_hf
   image_size = 32 if local else 224
   overrides = dict(image_size=image_size)
-  if local and not args.student_hf:
+  if local and not student_hf:
     overrides.update(_tiny_overrides(args.student))
   student = dict(name=args.student, normalization="imagenet",
-                 overrides=overrides, hf_path=args.student_hf)
+                 overrides=overrides, hf_path=student_hf)
   epochs = 1 if local else args.epochs
-  # The paper counts epochs; schedules need steps up front, so the arg
-  # steps_per_epoch should be (kept_fraction x train size) / batch size.
-  stage1_steps = 20 if local else epochs * args.steps_per_epoch
-  stage2_steps = 10 if local else epochs * args.steps_per_epoch
+  (kept1, kept2), margin = reference_curation(dataset, args.student)
   teacher = args.teacher or "/path/to/hf_clip_vit_g14"
   stages = edgevl_stages(
-      teacher=teacher, kept_fraction=kept_fraction,
+      teacher=teacher, kept_fraction=kept1,
       teacher_normalization=args.teacher_normalization,
       kd=dict(student=student, batch_size=8 if local else 32,
-              num_steps=stage1_steps, eval_every=stage1_steps,
+              epochs=float(epochs), kept_fraction=kept1,
               optim=dict(STAGE1_OPTIM)),
-      qat=dict(batch_size=2 if local else 4, num_steps=stage2_steps,
-               eval_every=stage2_steps, mining=args.mining,
+      qat=dict(batch_size=2 if local else 4, epochs=float(epochs),
+               kept_fraction=kept2, margin=margin, mining=args.mining,
                mining_space=args.mining_space, optim=dict(STAGE2_OPTIM)))
   return pipeline(stages, dataset=dataset, data_dir=args.data_dir,
                   data_config=args.source_dir, image_size=image_size,
