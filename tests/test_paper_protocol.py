@@ -23,6 +23,7 @@ from edgevl_jax import main as main_lib
 from edgevl_jax.data import info as info_lib
 from edgevl_jax.edgevl import clip_teacher
 from edgevl_jax.edgevl import curation
+from edgevl_jax.edgevl import handoff
 from edgevl_jax.jobs import pseudo_labels
 from edgevl_jax.models import clip
 from edgevl_jax.models import multihead
@@ -194,12 +195,14 @@ def _check_pipeline_report(report, *, kept, batches):
 
 
 def test_runlocal_eurosat_paper_pipeline_end_to_end(tmp_path):
-  """configs/edgevl.py:dataset=eurosat,runlocal on mocked eurosat/all."""
+  """configs/edgevl.py:dataset=eurosat,runlocal on mocked eurosat/all, with
+  a BatchNorm student (ResNet-18): its running statistics are trained in
+  stage 1, updated in stage 2 and used by evaluation and export."""
   teacher = _tiny_teacher(
       tmp_path / "teacher", info_lib.SATELLITE_SUPERSET
       + info_lib.EUROSAT_CLASSES)
   config = _EDGEVL["get_config"](
-      f"dataset=eurosat,student=vit_s16,runlocal,mining=online,"
+      f"dataset=eurosat,student=resnet18,runlocal,mining=online,"
       f"teacher={teacher},"
       f"data_dir={tmp_path / 'tfds'}")
   # The test process has 8 CPU devices; runlocal's stage-2 batch is 2.
@@ -209,11 +212,28 @@ def test_runlocal_eurosat_paper_pipeline_end_to_end(tmp_path):
   with tfds.testing.mock_data(num_examples=240):
     main_lib.run(config, workdir)
   report = _report(workdir)
-  kd, qat = _check_pipeline_report(report, kept=(0.25, 0.25),
+  kd, qat = _check_pipeline_report(report, kept=(0.10, 0.50),
                                    batches=(8, 8))
   stages = report.get("stages", report)
   pseudo = stages["pseudo_labels"]["pseudo_labels"]
-  assert pseudo["kept_fraction"] == 0.25
+  assert pseudo["kept_fraction"] == 0.10
+  # BatchNorm statistics: learnt in stage 1, moved on in stage 2, and the
+  # ones the evaluation and the export use.
+  stats = {}
+  for stage in ("1_dual_modality_kd", "2_qat_contrastive"):
+    _, variables, meta = handoff.student_variables(
+        os.path.join(workdir, stage))
+    assert meta["model_state"] == ["batch_stats"]
+    stats[stage] = variables["batch_stats"]
+  means = [np.asarray(l) for l in jax.tree.leaves(stats["1_dual_modality_kd"])]
+  assert means and all(np.isfinite(m).all() for m in means)
+  assert any(np.abs(m).max() > 1e-3 for m in means)  # not the init (0/1)
+  moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()),
+                       stats["1_dual_modality_kd"], stats["2_qat_contrastive"])
+  assert max(jax.tree.leaves(moved)) > 0
+  zs = report["zero_shot"]
+  for model in ("student_fp32", "student_int8_static"):
+    assert 0.0 <= zs[model]["swir"] <= 1.0
   # Labelled against the 15 published land-cover names.
   with np.load(os.path.join(workdir, "0_pseudo_labels",
                             curation.OUTPUT_FILE)) as f:

@@ -70,9 +70,11 @@ def calibration_inputs(source: Any, *, normalization: str, image_size: int,
 
 
 def calibrated_variables(meta: Mapping[str, Any], params: Any,
-                         batches: list[jax.Array], mode: str = "float"
+                         batches: list[jax.Array], mode: str = "float",
+                         model_state: Mapping[str, Any] | None = None
                          ) -> dict[str, Any]:
-  """{'params', 'quant_stats'}: static int8 ranges from `batches`.
+  """{'params', 'quant_stats'} (+ model_state, e.g. 'batch_stats'): static
+  int8 ranges from `batches`.
 
   mode: 'float' (quantisation disabled while measuring, the reference) or
   'fake_quant' (each range sees the quantised outputs of the layers before).
@@ -83,13 +85,18 @@ def calibrated_variables(meta: Mapping[str, Any], params: Any,
   spec = quant.int8(calibration="static").replace(
       phase="calibrate", float_calibration=mode == "float")
   m_cal = handoff.build_student(meta, spec)
-  return quant.calibrate(m_cal.apply, {"params": params}, batches)
+  return quant.calibrate(m_cal.apply,
+                         {"params": params, **dict(model_state or {})},
+                         batches)
 
 
 def calibrate_student(config: Any, student_path: str, source: Any,
                       cache: dict[Any, Any] | None = None
                       ) -> tuple[dict[str, Any], dict[str, Any], Any]:
   """(meta, calibrated variables, fp32 params) of the student at a path.
+
+  The calibrated variables hold the student's BatchNorm statistics too
+  (when it has them).
 
   Calibrates on config.calibration_batches batches of
   config.calibration_batch_size train pairs of the curated subset (both
@@ -103,14 +110,16 @@ def calibrate_student(config: Any, student_path: str, source: Any,
          config.image_size, config.calibration_mode)
   if cache is not None and key in cache:
     return cache[key]
-  _, params, meta = handoff.load_student(student_path)
+  _, variables, meta = handoff.student_variables(student_path)
+  params = variables.pop("params")
   batches = calibration_inputs(
       source, normalization=meta["normalization"],
       image_size=config.image_size, batch_size=config.calibration_batch_size,
       num_batches=config.calibration_batches, seed=config.seed,
       indices=indices, crop_scale=tuple(config.crop_scale))
   out = (meta, calibrated_variables(meta, params, batches,
-                                    config.calibration_mode), params)
+                                    config.calibration_mode,
+                                    model_state=variables), params)
   if cache is not None:
     cache[key] = out
   return out

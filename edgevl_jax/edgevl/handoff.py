@@ -4,8 +4,11 @@ A teacher is a Hugging Face CLIP folder (config.json + model.safetensors)
 holding its tokenizer files too; `clip_pretrain` writes one into
 WORKDIR/teacher so later stages read it exactly like a downloaded checkpoint.
 A student is WORKDIR/student.json (architecture, embed_dim, input
-normalisation) plus WORKDIR/student_params.msgpack (the selected params),
-written by `dual_modality_kd` and `qat_contrastive`.
+normalisation) plus WORKDIR/student_params.msgpack (the selected params)
+and, for students with BatchNorm, WORKDIR/student_state.msgpack (their
+other variable collections: {'batch_stats': running statistics}), written
+by `dual_modality_kd` and `qat_contrastive`. `student_variables` reads all
+of it as one variables dict for `model.apply`.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ TEACHER_SCHEMA: config_lib.Schema = {
 }
 STUDENT_FILE = "student.json"
 STUDENT_PARAMS = "student_params.msgpack"
+STUDENT_STATE = "student_state.msgpack"
 TEACHER_DIR = "teacher"
 
 
@@ -95,19 +99,30 @@ def build_student(meta: Mapping[str, Any], quant: Any = None
                         quant=quant, **dict(meta.get("overrides") or {}))
 
 
-def save_student(workdir: str, *, meta: Mapping[str, Any], params: Any
-                 ) -> None:
-  """Writes student_params.msgpack, then student.json (process 0).
+def save_student(workdir: str, *, meta: Mapping[str, Any], params: Any,
+                 model_state: Mapping[str, Any] | None = None) -> None:
+  """Writes student_params.msgpack (+ student_state.msgpack), then
+  student.json (process 0).
 
-  Each file is written atomically; the params come first, so a student.json
-  always describes params that are complete on disk.
+  Each file is written atomically; the arrays come first, so a student.json
+  always describes arrays that are complete on disk. model_state: the
+  student's other collections (BatchNorm's 'batch_stats'); {} or None for
+  students without.
   """
   host = jax.tree.map(np.asarray, jax.device_get(params))
+  state = jax.tree.map(np.asarray, jax.device_get(dict(model_state or {})))
   if jax.process_index() != 0:
     return
   io.atomic_write_bytes(os.path.join(workdir, STUDENT_PARAMS),
                         flax.serialization.msgpack_serialize(host))
-  io.atomic_write_json(os.path.join(workdir, STUDENT_FILE), dict(meta))
+  state_file = os.path.join(workdir, STUDENT_STATE)
+  if state:
+    io.atomic_write_bytes(state_file,
+                          flax.serialization.msgpack_serialize(state))
+  elif os.path.exists(state_file):
+    os.remove(state_file)
+  io.atomic_write_json(os.path.join(workdir, STUDENT_FILE),
+                       {**dict(meta), "model_state": sorted(state)})
 
 
 def load_student(path: str, quant: Any = None
@@ -125,22 +140,48 @@ def load_student(path: str, quant: Any = None
       meta_file, required=("name", "embed_dim"),
       fix="re-run the stage that wrote it (dual_modality_kd or "
       "qat_contrastive)")
-  with open(params_file, "rb") as f:
+  params = _read_tree(params_file, "student params")
+  return build_student(meta, quant), params, meta
+
+
+def _read_tree(path: str, what: str) -> Any:
+  """A msgpack tree of finite arrays, or a ValueError naming the file."""
+  with open(path, "rb") as f:
     blob = f.read()
   try:
-    params = flax.serialization.msgpack_restore(blob)
+    tree = flax.serialization.msgpack_restore(blob)
   except Exception as e:  # msgpack raises several types for a cut file.
     raise ValueError(
-        f"{params_file} is truncated or corrupt ({len(blob)} bytes; "
+        f"{path} is truncated or corrupt ({len(blob)} bytes; "
         f"{type(e).__name__}: {e}); re-run the stage that wrote it.") from e
-  flat = flax.traverse_util.flatten_dict(params, sep="/") if isinstance(
-      params, dict) else {}
+  flat = flax.traverse_util.flatten_dict(tree, sep="/") if isinstance(
+      tree, dict) else {}
   finite.require_finite(
-      flat, where=f"student params {params_file!r}",
+      flat, where=f"{what} {path!r}",
       fix="training diverged before this checkpoint was saved; re-run the "
       "stage (e.g. with a lower learning rate) or use an earlier workdir")
-  params = jax.tree.map(jnp.asarray, params)
-  return build_student(meta, quant), params, meta
+  return jax.tree.map(jnp.asarray, tree)
+
+
+def load_student_state(path: str, meta: Mapping[str, Any]) -> dict[str, Any]:
+  """The student's non-param collections ({} for students without)."""
+  expected = list(meta.get("model_state") or [])
+  state_file = os.path.join(os.fspath(path), STUDENT_STATE)
+  if not expected:
+    return {}
+  if not os.path.exists(state_file):
+    raise ValueError(
+        f"{os.fspath(path)!r}: student.json lists collections {expected} but "
+        f"{STUDENT_STATE} is missing; re-run the stage that wrote it.")
+  return dict(_read_tree(state_file, "student state"))
+
+
+def student_variables(path: str, quant: Any = None
+                      ) -> tuple[students.Student, dict[str, Any],
+                                 dict[str, Any]]:
+  """(model, {'params', + 'batch_stats' etc.}, meta) of a saved student."""
+  model, params, meta = load_student(path, quant)
+  return model, {"params": params, **load_student_state(path, meta)}, meta
 
 
 def tree_nbytes(tree: Any) -> int:

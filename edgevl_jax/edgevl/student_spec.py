@@ -176,3 +176,22 @@ def student_init_fn(config: Any, model: students.Student,
         f"not fit the student described by student.json ({meta['name']!r}, "
         f"{meta['overrides']}).")
   return lambda k: loaded
+
+
+def train_apply(model: Any, params: Any, model_state: Any, images: jax.Array,
+                *, key: jax.Array) -> tuple[jax.Array, Any]:
+  """Train-mode student forward: ((N, D) embeddings, new model_state).
+
+  BatchNorm students (ResNet, MobileNetV2, GhostNet) normalise with the
+  batch's statistics and update their running ones ('batch_stats' in
+  model_state, carried by the TrainState and saved with the student);
+  students without (model_state {}) return it unchanged.
+  """
+  variables = {"params": params, **model_state}
+  if not model_state:
+    return model.apply(variables, images, train=True,
+                       rngs={"dropout": key}), model_state
+  out, mutated = model.apply(variables, images, train=True,
+                             rngs={"dropout": key},
+                             mutable=list(model_state))
+  return out, {**model_state, **mutated}

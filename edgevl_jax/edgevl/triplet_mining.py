@@ -61,7 +61,7 @@ def mine(embed: Callable[[jax.Array], jax.Array], source: Any, *,
 class EpochTriplets:
   """Batches of mined groups; mines again whenever an epoch is used up.
 
-  `current_params()` returns the student params to mine with (the train
+  `current_params()` returns the student variables to mine with (the train
   loop's latest state). Position = (epoch, step in epoch), checkpointable.
   """
 

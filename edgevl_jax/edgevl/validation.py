@@ -60,7 +60,8 @@ def keep_best_student(workdir: str, meta: Mapping[str, Any]
 
   def save(state: Any, record: Mapping[str, Any]) -> None:
     del record
-    handoff.save_student(workdir, meta=meta, params=state.params)
+    handoff.save_student(workdir, meta=meta, params=state.params,
+                         model_state=state.model_state)
 
   return evaluators.KeepBest(workdir, SELECTION_METRIC, save)
 

@@ -120,8 +120,7 @@ def load_teacher(config: Any) -> tuple[Any, dict[str, Any]]:
 def load_student(config: Any) -> tuple[Any, dict[str, Any], str]:
   """(model, variables, normalization) of the student."""
   if config.student:
-    model, params, meta = handoff.load_student(config.student)
-    variables = params if "params" in params else {"params": params}
+    model, variables, meta = handoff.student_variables(config.student)
     return model, variables, meta.get("normalization", "clip")
   sm = config.student_model
   overrides = dict(sm.overrides)

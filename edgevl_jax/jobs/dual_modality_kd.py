@@ -113,14 +113,18 @@ def make_train_step(model: Any, teacher: Any, *, kind: str, mode: str,
     x = s_norm(student_inputs(batch["other"], batch["rgb"], mode))
 
     def loss_fn(params):
-      s = model.apply({"params": params}, x, train=True,
-                      rngs={"dropout": state.step_key("dropout")})
-      return losses.dual_modality_kd_loss(student_embeddings=s,
-                                          teacher_embeddings=t, kind=kind)
+      s, model_state = student_spec.train_apply(
+          model, params, state.model_state, x,
+          key=state.step_key("dropout"))
+      return losses.dual_modality_kd_loss(
+          student_embeddings=s, teacher_embeddings=t,
+          kind=kind), model_state
 
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    (loss, model_state), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params)
     gnorm = optax.global_norm(grads)
-    return state.apply_gradients(grads), {"loss": loss, "grad_norm": gnorm}
+    return (state.apply_gradients(grads, model_state=model_state),
+            {"loss": loss, "grad_norm": gnorm})
 
   return train_step
 

@@ -35,6 +35,7 @@ from edgevl_jax.edgevl import checks
 from edgevl_jax.edgevl import curation
 from edgevl_jax.edgevl import handoff
 from edgevl_jax.edgevl import splits
+from edgevl_jax.edgevl import student_spec
 from edgevl_jax.edgevl import triplet_mining
 from edgevl_jax.edgevl import validation
 from edgevl_jax.run import config as config_lib
@@ -105,20 +106,20 @@ def make_train_step(model: Any, norm: Any, *, margin: float, online: bool):
   Gradients are computed afresh each step; the student runs in train mode.
   """
 
-  def embed_train(params, images, key):
-    return model.apply({"params": params}, norm(images), train=True,
-                       rngs={"dropout": key})
-
   def train_step(state, batch):
     key = state.step_key("dropout")
+    embed_train = lambda params, images: student_spec.train_apply(
+        model, params, state.model_state, norm(images), key=key)
     if online:
       x = jnp.concatenate([batch["other"], batch["rgb"]])
       labels = batch["pseudo_label"]
 
       def loss_fn(params):
-        e = embed_train(params, x, key).reshape(2, labels.shape[0], -1)
+        e, model_state = embed_train(params, x)
+        e = e.reshape(2, labels.shape[0], -1)
         return sum(losses.online_semi_hard_triplet_loss(
-            embeddings=e[m], labels=labels, margin=margin) for m in range(2))
+            embeddings=e[m], labels=labels, margin=margin)
+                   for m in range(2)), model_state
     else:
       b, g = batch["mask"].shape
       s = batch["rgb"].shape[2:]
@@ -126,12 +127,15 @@ def make_train_step(model: Any, norm: Any, *, margin: float, online: bool):
                            batch["rgb"].reshape((b * g,) + s)])
 
       def loss_fn(params):
-        e = embed_train(params, x, key).reshape(2, b, g, -1)
+        e, model_state = embed_train(params, x)
         return losses.dual_modality_triplet_loss(
-            embeddings=e, mask=batch["mask"], margin=margin)
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+            embeddings=e.reshape(2, b, g, -1), mask=batch["mask"],
+            margin=margin), model_state
+    (loss, model_state), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params)
     gnorm = optax.global_norm(grads)
-    return state.apply_gradients(grads), {"loss": loss, "grad_norm": gnorm}
+    return (state.apply_gradients(grads, model_state=model_state),
+            {"loss": loss, "grad_norm": gnorm})
 
   return train_step
 
@@ -142,7 +146,7 @@ def build(config: Any, ctx: runner.Context) -> runner.TrainSpec:
   train_src = splits.load_source(config, "train")
   val_src = splits.load_source(config, "validation")
   info = train_src.info
-  model, init_params, meta = handoff.load_student(
+  model, init_variables, meta = handoff.student_variables(
       config.init_from, quant=quant_spec(config.quant))
   if int(meta["image_size"]) != config.image_size:
     raise ValueError(f"config.image_size={config.image_size} differs from the "
@@ -168,16 +172,16 @@ def build(config: Any, ctx: runner.Context) -> runner.TrainSpec:
         crop_scale=crop))
   else:
     keys = ("rgb", "other", "mask")
-    embed_eval = jax.jit(lambda p, x: model.apply({"params": p}, norm(x)))
-    mine_fn = lambda params, epoch: triplet_mining.mine(
-        functools.partial(embed_eval, params), train_src, indices=indices,
+    embed_eval = jax.jit(lambda v, x: model.apply(v, norm(x)))
+    mine_fn = lambda variables, epoch: triplet_mining.mine(
+        functools.partial(embed_eval, variables), train_src, indices=indices,
         pseudo_labels=plabels, image_size=config.image_size,
         batch_size=config.eval_batch_size, margin=float(config.margin),
         max_negatives=config.max_negatives, seed=config.seed * 104729 + epoch,
         mining_space=config.mining_space)
     # The iterator mines with the live params at each epoch start.
     batches = triplet_mining.EpochTriplets(
-        mine_fn=mine_fn, current_params=lambda: live["state"].params,
+        mine_fn=mine_fn, current_params=lambda: live["state"].variables,
         make_loader=triplet_mining.make_triplet_loader(
             train_src, seed=config.seed, batch_size=local_batch,
             image_size=config.image_size, crop_scale=crop),
@@ -194,7 +198,7 @@ def build(config: Any, ctx: runner.Context) -> runner.TrainSpec:
                     "triplets_first_epoch": first[0] if first else None}}
 
   return runner.TrainSpec(
-      init=lambda k: {"params": init_params},
+      init=lambda k: init_variables,
       step=make_train_step(model, norm, margin=float(config.margin),
                            online=online),
       batches=batches, num_steps=schedule["num_steps"],

@@ -69,13 +69,12 @@ def run(config: Any, ctx: runner.Context) -> dict[str, Any]:
   t_norm = handoff.normalizer(config.teacher_normalization)
   fns = {"teacher": jax.jit(lambda x: teacher.apply(
       {"params": t_params}, t_norm(x), method="encode_image"))}
-  m32, p32, meta32 = handoff.load_student(config.student_fp32
-                                          or config.student)
-  fns["student_fp32"] = _embedder(m32, {"params": p32},
-                                  meta32["normalization"])
-  mdyn, params, meta = handoff.load_student(config.student,
-                                            quant=quant.int8())
-  fns["student_int8_dynamic"] = _embedder(mdyn, {"params": params},
+  m32, v32, meta32 = handoff.student_variables(config.student_fp32
+                                               or config.student)
+  fns["student_fp32"] = _embedder(m32, v32, meta32["normalization"])
+  mdyn, variables, meta = handoff.student_variables(config.student,
+                                                    quant=quant.int8())
+  fns["student_int8_dynamic"] = _embedder(mdyn, variables,
                                           meta["normalization"])
   meta, variables, _ = calibration.calibrate_student(
       config, config.student, train_src, ctx.cache)

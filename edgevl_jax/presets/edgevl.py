@@ -137,6 +137,9 @@ def _tiny_overrides(name):
   if name.startswith("swin"):
     return dict(patch_size=2, window_size=2, width=16, depths=(1, 1, 1, 1),
                 num_heads=(1, 1, 1, 1))
+  if name.startswith("resnet"):
+    return dict(stage_sizes=(1, 1, 1, 1), widths=(8, 16, 32, 64),
+                stem_width=8, cifar_stem=True)
   return {}
 
 
