@@ -9,13 +9,23 @@ RGB teacher). With `teacher_cache.num_views > 0` the teacher embeddings of K
 fixed views are precomputed once (edgevl/teacher_cache.py) and steps run
 the student only.
 
+Memory (the paper batch of 32 pairs with a ViT-B/16 teacher on a 16 GB
+accelerator): `compute_dtype='bfloat16'` runs teacher and student forward
+passes in bfloat16 (params, losses and the optimiser stay float32),
+`teacher_param_dtype='bfloat16'` stores the frozen teacher in bfloat16,
+`grad_accum=N` splits each step into N micro-batches (same update as the
+full batch), `remat=True` recomputes the student blocks' activations in the
+backward pass (ViT and Swin students). benchmarks/stage1_memory.py reports
+the compiled step's memory for each.
+
 Sharding: the batch is split over ('data', 'fsdp'), the student is
 replicated or fsdp-sharded (`student_sharding`), the teacher is fsdp-sharded
 from its logical axes. Model selection: zero-shot top-1 on the validation
 split (mean of both modalities), never on test; the selected student is the
 stage's hand-off (student.json + student_params.msgpack).
 Report: student_path, kd.{best_val_top1_rgb, best_val_top1_<other>,
-best_step, loss, kept_examples}.
+best_step, loss, kept_examples, num_steps, steps_per_epoch, epochs,
+examples}.
 """
 from __future__ import annotations
 
@@ -42,6 +52,9 @@ from edgevl_jax.run import optim as optim_lib
 from edgevl_jax.run import runner
 
 STUDENT_INPUTS = ("both", "rgb", "other")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Student families whose blocks can be rematerialised.
+REMAT_FAMILIES = ("vit", "swin")
 f = config_lib.field
 
 
@@ -63,6 +76,16 @@ def defaults() -> config_lib.Schema:
       "teacher_cache": {"num_views": f(0, "precomputed teacher views K (0: "
                                        "run the teacher every step)")},
       "student_sharding": f("replicated", "'replicated' or 'fsdp'"),
+      "compute_dtype": f("float32", f"forward dtype of teacher and student, "
+                         f"one of {tuple(DTYPES)} (params, losses and "
+                         "optimiser stay float32)"),
+      "teacher_param_dtype": f("float32", "storage dtype of the frozen "
+                               f"teacher params, one of {tuple(DTYPES)}"),
+      "grad_accum": f(1, "micro-batches per step (batch_size / grad_accum "
+                      "must split over the devices); same update as the "
+                      "full batch"),
+      "remat": f(False, "recompute the student blocks' activations in the "
+                 f"backward pass (students {REMAT_FAMILIES})"),
   }
 
 
@@ -78,7 +101,17 @@ def validate(config: Any) -> None:
   checks.normalization(config, "teacher_normalization")
   checks.common_edgevl(config)
   curation.validate_stage(config)
-  checks.positive_ints(config, "num_steps")
+  checks.positive_ints(config, "num_steps", "grad_accum")
+  config_lib.require(config, "compute_dtype", allowed=tuple(DTYPES))
+  config_lib.require(config, "teacher_param_dtype", allowed=tuple(DTYPES))
+  if config.batch_size % config.grad_accum:
+    raise ValueError(f"config.batch_size={config.batch_size} does not split "
+                     f"into config.grad_accum={config.grad_accum} equal "
+                     "micro-batches.")
+  if config.remat and not config.student.name.startswith(REMAT_FAMILIES):
+    raise ValueError(f"config.remat=True: student {config.student.name!r} "
+                     f"has no rematerialisable blocks (families "
+                     f"{REMAT_FAMILIES}); set remat=False.")
   checks.teacher_folder(config)
   checks.batch_fits_devices(config)
   student_spec.validate_student(config)
@@ -93,35 +126,39 @@ def student_inputs(other: jax.Array, rgb: jax.Array, mode: str) -> jax.Array:
 
 
 def _encode_teacher(teacher, t_norm, tp, rgb):
-  return teacher.apply({"params": tp}, t_norm(rgb), method="encode_image")
+  return teacher.apply({"params": tp}, t_norm(rgb),
+                       method="encode_image").astype(jnp.float32)
 
 
 def make_train_step(model: Any, teacher: Any, *, kind: str, mode: str,
-                    t_norm: Any, s_norm: Any):
+                    t_norm: Any, s_norm: Any, grad_accum: int = 1):
   """(state, teacher_params, batch) -> (state, metrics), to be jitted.
 
   batch: 'rgb', 'other' (B, S, S, 3) in [0, 1], and optionally 'teacher'
   (B, D) cached teacher embeddings (then the teacher is not run).
+  grad_accum: micro-batches of B / grad_accum pairs (teacher and student
+  run per micro-batch; gradients averaged: the full-batch update).
   """
 
   def train_step(state, tp, batch):
-    if "teacher" in batch:
-      t = batch["teacher"]
-    else:
-      t = jax.lax.stop_gradient(
-          _encode_teacher(teacher, t_norm, tp, batch["rgb"]))
-    x = s_norm(student_inputs(batch["other"], batch["rgb"], mode))
+    key = state.step_key("dropout")
 
-    def loss_fn(params):
+    def loss_fn(params, mb, model_state, index):
+      if "teacher" in mb:
+        t = mb["teacher"]
+      else:
+        t = jax.lax.stop_gradient(
+            _encode_teacher(teacher, t_norm, tp, mb["rgb"]))
+      x = s_norm(student_inputs(mb["other"], mb["rgb"], mode))
       s, model_state = student_spec.train_apply(
-          model, params, state.model_state, x,
-          key=state.step_key("dropout"))
+          model, params, model_state, x,
+          key=key if grad_accum == 1 else jax.random.fold_in(key, index))
       return losses.dual_modality_kd_loss(
-          student_embeddings=s, teacher_embeddings=t,
+          student_embeddings=s.astype(jnp.float32), teacher_embeddings=t,
           kind=kind), model_state
 
-    (loss, model_state), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state.params)
+    (loss, model_state), grads = optim_lib.accumulated_value_and_grad(
+        loss_fn, state.params, batch, state.model_state, grad_accum)
     gnorm = optax.global_norm(grads)
     return (state.apply_gradients(grads, model_state=model_state),
             {"loss": loss, "grad_norm": gnorm})
@@ -157,6 +194,27 @@ def _batches(config: Any, ctx: runner.Context, train_src: Any, indices: Any,
       image_size=config.image_size, indices=indices, crop_scale=crop))
 
 
+def _memory_options(config: Any, meta: dict[str, Any], teacher: Any,
+                    t_params: Any) -> tuple[Any, Any, Any]:
+  """(student to train, teacher, teacher params) under compute_dtype,
+  teacher_param_dtype and remat. The saved student (meta) is unchanged:
+  these are how the step runs, not what it trains."""
+  dtype = DTYPES[config.compute_dtype]
+  extra = {}
+  if dtype != jnp.float32:
+    extra["dtype"] = dtype
+    teacher = teacher.clone(dtype=dtype)
+  if config.remat:
+    extra["remat"] = True
+  train_model = handoff.build_student(
+      {**meta, "overrides": {**meta["overrides"], **extra}}) if extra else (
+          handoff.build_student(meta))
+  p_dtype = DTYPES[config.teacher_param_dtype]
+  if p_dtype != jnp.float32:
+    t_params = jax.tree.map(lambda x: x.astype(p_dtype), t_params)
+  return train_model, teacher, t_params
+
+
 def build(config: Any, ctx: runner.Context) -> runner.TrainSpec:
   """Stage 1: distils the teacher into the student on both modalities."""
   mesh = ctx.mesh
@@ -169,6 +227,8 @@ def build(config: Any, ctx: runner.Context) -> runner.TrainSpec:
                                info.class_names, info.prompt_templates[:1])
   meta = student_spec.student_meta(config, teacher.config.projection_dim)
   model = handoff.build_student(meta)
+  train_model, teacher, t_params = _memory_options(config, meta, teacher,
+                                                   t_params)
   t_norm = handoff.normalizer(config.teacher_normalization)
   s_norm = handoff.normalizer(config.student.normalization)
   indices, _ = curation.curated_subset(config.pseudo_labels,
@@ -195,9 +255,9 @@ def build(config: Any, ctx: runner.Context) -> runner.TrainSpec:
       init=student_spec.student_init_fn(
           config, model, meta,
           jax.random.fold_in(jax.random.key(config.seed), 1)),
-      step=make_train_step(model, teacher, kind=config.kd_loss,
+      step=make_train_step(train_model, teacher, kind=config.kd_loss,
                            mode=config.student_inputs, t_norm=t_norm,
-                           s_norm=s_norm),
+                           s_norm=s_norm, grad_accum=config.grad_accum),
       aux=(t_params,), aux_shardings=(mesh_lib.tree_shardings(t_params),),
       batches=batches, num_steps=schedule["num_steps"],
       steps_per_epoch=schedule["steps_per_epoch"],

@@ -88,7 +88,7 @@ class SwinBlock(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     b, h, w, c = x.shape
     ws, shift = self.window_size, self.shift_size
     drop = layers.DropPath(self.drop_path, name="drop_path")
@@ -162,6 +162,8 @@ class Swin(nn.Module):
       int8 in a quantised student). False (default): it stays float, as in
       the EdgeVL reference's quantised Swin; every other Dense and the
       attention matmuls follow `ops`.
+    remat: recompute each block's activations in the backward pass instead
+      of storing them (activation memory of one block, ~1/3 more compute).
   """
 
   image_size: int = 224
@@ -175,6 +177,7 @@ class Swin(nn.Module):
   layer_norm_eps: float = 1e-5
   qkv_bias: bool = True
   quantize_patch_embed: bool = False
+  remat: bool = False
   ops: layers.Ops = layers.Ops()
   dtype: Any = jnp.float32
 
@@ -203,12 +206,14 @@ class Swin(nn.Module):
                          name=f"stage{s - 1}_merge")(x)
       side = min(x.shape[1], x.shape[2])
       window = min(side, self.window_size)
+      block = (nn.remat(SwinBlock, static_argnums=(2,)) if self.remat
+               else SwinBlock)
       for j in range(depth):
         shift = (self.window_size // 2
                  if j % 2 and side > self.window_size else 0)
-        x = SwinBlock(heads, window, shift, self.mlp_ratio, rates[k],
-                      self.layer_norm_eps, self.qkv_bias, self.ops,
-                      self.dtype, name=f"stage{s}_block{j}")(x, train=train)
+        x = block(heads, window, shift, self.mlp_ratio, rates[k],
+                  self.layer_norm_eps, self.qkv_bias, self.ops,
+                  self.dtype, name=f"stage{s}_block{j}")(x, train)
         k += 1
       stages.append(x)
     x = layers.layer_norm(epsilon=self.layer_norm_eps, dtype=self.dtype,

@@ -115,7 +115,7 @@ class EncoderBlock(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """x: (B, N, C) -> (B, N, C)."""
     drop = layers.DropPath(self.drop_path, name="drop_path")
     y = layers.layer_norm(epsilon=self.layer_norm_eps, dtype=self.dtype,
@@ -138,6 +138,8 @@ class ViT(nn.Module):
     width: token width; depth: number of blocks; num_heads: attention heads.
     mlp_dim: MLP hidden width (default 4 * width).
     drop_path_rate: stochastic depth of the last block (linear from 0).
+    remat: recompute each block's activations in the backward pass instead
+      of storing them (activation memory of one block, ~1/3 more compute).
     layer_norm_eps: LayerNorm epsilon (1e-6 as in timm; HF checkpoints say
       1e-12 and the loader takes it from config.json).
   """
@@ -151,6 +153,7 @@ class ViT(nn.Module):
   drop_path_rate: float = 0.1
   layer_norm_eps: float = 1e-6
   qkv_bias: bool = True
+  remat: bool = False
   ops: layers.Ops = layers.Ops()
   dtype: Any = jnp.float32
 
@@ -186,11 +189,15 @@ class ViT(nn.Module):
     rates = [self.drop_path_rate * i / max(self.depth - 1, 1)
              for i in range(self.depth)]
     outputs = []
+    # remat: each block's activations are recomputed in the backward pass
+    # instead of stored (same parameter names; `train` is static).
+    block = (nn.remat(EncoderBlock, static_argnums=(2,)) if self.remat
+             else EncoderBlock)
     for i in range(self.depth):
-      x = EncoderBlock(
+      x = block(
           self.num_heads, self.mlp_dim or 4 * self.width, rates[i],
           self.layer_norm_eps, self.qkv_bias, self.ops, self.dtype,
-          name=f"block{i}")(x, train=train)
+          name=f"block{i}")(x, train)
       outputs.append(x)
     x = layers.layer_norm(epsilon=self.layer_norm_eps, dtype=self.dtype,
                           name="norm")(x)

@@ -10,7 +10,7 @@ Weight-decay rule (`weight_decay_mask`): a parameter is decayed unless
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -163,3 +163,56 @@ def make_optimizer(optim_config: Any,
     else:
       chain.append(optax.adam(lr, b1=b1, b2=b2, eps=eps))
   return optax.chain(*chain)
+
+
+def accumulated_value_and_grad(loss_fn: Callable[..., Any], params: Any,
+                               batch: Any, aux: Any, num_micro: int
+                               ) -> tuple[tuple[jax.Array, Any], Any]:
+  """`value_and_grad(loss_fn, has_aux=True)` over `num_micro` micro-batches.
+
+  Args:
+    loss_fn: (params, micro_batch, aux, index) -> (scalar mean loss, new
+      aux); index is the micro-batch number (int32 scalar, e.g. to fold into
+      a dropout key); aux is threaded through the micro-batches in order
+      (e.g. BatchNorm statistics).
+    params: differentiated argument.
+    batch: pytree of arrays with a leading batch axis B (B % num_micro ==
+      0). Micro-batch i holds rows i, i + n, i + 2n, ... so each device
+      keeps its own rows of a batch-sharded array.
+    aux: initial aux.
+    num_micro: n; 1 is a plain value_and_grad.
+
+  Returns:
+    ((mean loss, final aux), mean grads): with equal micro-batches and a
+    loss that is a mean over examples, the same update as the full batch
+    (float32 sums; tests hold it to 1e-5).
+  """
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if num_micro == 1:
+    return grad_fn(params, batch, aux, jnp.zeros((), jnp.int32))
+
+  def split(x):
+    b = x.shape[0]
+    if b % num_micro:
+      raise ValueError(f'batch of {b} does not split into {num_micro} '
+                       'micro-batches (grad_accum).')
+    x = x.reshape((b // num_micro, num_micro) + x.shape[1:])
+    return jnp.moveaxis(x, 1, 0)
+
+  micro = jax.tree.map(split, batch)
+
+  def body(carry, inputs):
+    loss_sum, grad_sum, aux = carry
+    index, mb = inputs
+    (loss, aux), grads = grad_fn(params, mb, aux, index)
+    grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+    return (loss_sum + loss.astype(jnp.float32),
+            jax.tree.map(jnp.add, grad_sum, grads), aux), None
+
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+  (loss_sum, grad_sum, aux), _ = jax.lax.scan(
+      body, (jnp.zeros((), jnp.float32), zeros, aux),
+      (jnp.arange(num_micro, dtype=jnp.int32), micro))
+  grads = jax.tree.map(lambda g, p: (g / num_micro).astype(p.dtype),
+                       grad_sum, params)
+  return (loss_sum / num_micro, aux), grads
