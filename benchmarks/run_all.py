@@ -33,6 +33,7 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
          "--iters=2"], []),
     "stage1_throughput": (
         ["--quick"], ["--teacher=vit_b16", "--student=swin_t", "--batch=8"]),
+    "stage1_memory": (["--batch=4", "--image_size=64", "--rows=0,4"], []),
     "datafree_throughput": (["--batch=8", "--classes=10", "--iters=1"], []),
     "input_pipeline": (
         ["--image_size=64", "--batch_size=8", "--num_batches=2",
@@ -43,7 +44,7 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
 
 # Substrings of flattened keys that make a headline number.
 _HEADLINE = ("per_s", "ratio", "mfu", "speedup", "over_torch", "latency_ms",
-             "predicted_gb", "bytes_per_device")
+             "predicted_gb", "bytes_per_device", "peak_gb")
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:

@@ -60,6 +60,11 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None,
 _ON_CONFIG_CHANGE = flags.DEFINE_enum(
     'on_config_change', 'error', ['error', 'warn'],
     'When the workdir holds a different config.json: stop or warn.')
+_COMPILATION_CACHE = flags.DEFINE_string(
+    'compilation_cache', None,
+    "JAX's persistent compilation cache folder: compiled steps are reused "
+    'by later runs and resumptions (default: .jax_compilation_cache beside '
+    "the workdir, i.e. in --workdir's parent; 'none' turns it off).")
 _DESCRIBE = flags.DEFINE_string(
     'describe', None, 'Print the config keys of this job and exit.')
 
@@ -209,6 +214,24 @@ def parse_flags(argv: list[str]) -> list[str]:
              'items are written --config.stages[1].key=VALUE).')
 
 
+def enable_compilation_cache(folder: str | None, workdir: str) -> str | None:
+  """Turns on JAX's persistent compilation cache; returns its folder.
+
+  folder: a path, 'none' (off), or None for WORKDIR/../.jax_compilation_cache
+  (shared by the runs of one parent folder). Only compilations that take
+  over a second are stored (JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS
+  sets another threshold).
+  """
+  if folder and folder.lower() == 'none':
+    return None
+  folder = os.path.abspath(folder or os.path.join(
+      os.path.dirname(workdir.rstrip(os.sep)), '.jax_compilation_cache'))
+  jax.config.update('jax_compilation_cache_dir', folder)
+  if 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS' not in os.environ:
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+  return folder
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -220,6 +243,8 @@ def main(argv: list[str]) -> None:
       lambda r: r.levelno >= py_logging.WARNING or '/orbax/' not in r.pathname)
   init_distributed(_JAX_DISTRIBUTED.value, _COORDINATOR.value,
                    _NUM_PROCESSES.value, _PROCESS_ID.value)
+  enable_compilation_cache(_COMPILATION_CACHE.value,
+                           os.path.abspath(_WORKDIR.value))
   try:
     run(_CONFIG.value, os.path.abspath(_WORKDIR.value),
         _ON_CONFIG_CHANGE.value)

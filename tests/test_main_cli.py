@@ -5,6 +5,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import pytest
 from absl import app
 
@@ -16,8 +17,8 @@ from edgevl_jax import main as main_lib  # noqa: E402
 from tests import toy_trainer  # noqa: E402
 
 
-def _main(workdir, *flags):
-  env = {**os.environ, 'PYTHONPATH': str(ROOT)}
+def _main(workdir, *flags, **env_vars):
+  env = {**os.environ, 'PYTHONPATH': str(ROOT), **env_vars}
   return subprocess.run(
       [sys.executable, '-m', 'edgevl_jax.main',
        '--config=tests/toy_trainer.py', f'--workdir={workdir}', *flags],
@@ -70,3 +71,25 @@ def test_resuming_with_a_changed_config_stops_naming_the_keys(tmp_path):
   main_lib.check_saved_config(str(tmp_path), config.to_dict(), 'error')
   assert json.loads((tmp_path / 'config.json').read_text()) == json.loads(
       json.dumps(same))
+
+
+def test_compilation_cache_defaults_beside_the_workdir(tmp_path):
+  before = jax.config.jax_compilation_cache_dir
+  try:
+    folder = main_lib.enable_compilation_cache(None, str(tmp_path / 'runs' /
+                                                         'wd'))
+    assert folder == str(tmp_path / 'runs' / '.jax_compilation_cache')
+    assert jax.config.jax_compilation_cache_dir == folder
+    assert main_lib.enable_compilation_cache('none', str(tmp_path)) is None
+    other = main_lib.enable_compilation_cache(str(tmp_path / 'c'), 'x')
+    assert other == str(tmp_path / 'c')
+  finally:
+    jax.config.update('jax_compilation_cache_dir', before)
+
+
+def test_a_run_fills_the_compilation_cache(tmp_path):
+  run = _main(tmp_path / 'runs' / 'wd',
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  assert run.returncode == 0, run.stderr[-2000:]
+  cache = tmp_path / 'runs' / '.jax_compilation_cache'
+  assert cache.is_dir() and any(cache.iterdir()), run.stderr[-2000:]
