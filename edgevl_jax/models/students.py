@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from edgevl_jax.models import dat
+from edgevl_jax.models import ghostnet
 from edgevl_jax.models import hf_io
 from edgevl_jax.models import layers
 from edgevl_jax.models import mobilenet
@@ -58,6 +59,9 @@ _CONFIGS: dict[str, tuple[type[nn.Module], dict[str, Any], bool]] = {
     "resnet18": (resnet.ResNet, dict(stage_sizes=(2, 2, 2, 2)), False),
     "resnet34": (resnet.ResNet, dict(stage_sizes=(3, 4, 6, 3)), False),
     "mobilenet_v2": (mobilenet.MobileNetV2, dict(width=1.0), False),
+    # timm ghostnetv3_100; head Linear + LayerNorm as the Swin student.
+    # `deploy=True` is the re-parameterised model (ghostnet.reparameterize).
+    "ghostnetv3_100": (ghostnet.GhostNetV3, dict(width=1.0), True),
 }
 NAMES: tuple[str, ...] = tuple(_CONFIGS)
 
