@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from edgevl_jax import quant
+from edgevl_jax.export import size
 from edgevl_jax.models import ghostnet
 from edgevl_jax.models import students
 
@@ -282,3 +283,10 @@ def test_int8_served_equals_fake_quant_static_after_folding():
   assert len(ints) == len(kernels)  # every conv and Dense is int8
   params = flax.traverse_util.flatten_dict(nn.meta.unbox(served["params"]))
   assert not [k for k in params if k[-1] == "kernel"]
+  # The size report serves the folded model: the same bytes.
+  predicted = size.student_size("ghostnetv3_100", embed_dim=8, spec=spec,
+                                **tiny)
+  assert predicted["bytes_int8"] == quant.served_nbytes(served)["total"]
+  assert predicted["quantised_weights"] == sum(np.size(v) for v in ints)
+  assert predicted["params"] > sum(
+      np.size(v) for v in jax.tree.leaves(folded["params"]))
