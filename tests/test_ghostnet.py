@@ -4,6 +4,7 @@ student, and the int8 fold -> calibrate -> convert -> serve flow."""
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import json
 import sys
 import types
 
@@ -13,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 import torch
 
 from edgevl_jax import quant
@@ -208,6 +210,31 @@ def test_timm_mapping_names_the_problem(ref):
   with pytest.raises(ValueError, match=r"blocks\.3\.0\.ghost1\.short_conv"):
     ghostnet.convert_timm(state, {k: v.shape for k, v in flat.items()},
                           where="timm")
+
+
+def test_load_timm_folder_into_the_student(ref, tmp_path):
+  state = {k: v.numpy() for k, v in ref["model"].state_dict().items()}
+  safetensors.numpy.save_file(state, str(tmp_path / "model.safetensors"))
+  (tmp_path / "config.json").write_text(json.dumps({
+      "architecture": "ghostnetv3_100", "num_classes": 1000,
+      "num_features": 960,
+      "pretrained_cfg": {"input_size": [3, 224, 224]}}))
+  model, variables = students.load_hf(str(tmp_path), embed_dim=16)
+  assert model.backbone.width == 1.0 and model.image_size == 224
+  assert set(variables["params"]["head"]) == {"proj", "norm"}
+  loaded = flax.traverse_util.flatten_dict(nn.meta.unbox(
+      {c: {k: v for k, v in variables[c].items() if k != "head"}
+       for c in ("params", "batch_stats")}))
+  loaded = {(c, *k): v for (c, _, *k), v in loaded.items()}
+  want = flax.traverse_util.flatten_dict(
+      {c: {k: v for k, v in ref["variables"][c].items() if k != "classifier"}
+       for c in ("params", "batch_stats")})
+  assert set(loaded) == set(want)
+  assert all(np.array_equal(loaded[k], want[k]) for k in want)
+  (tmp_path / "config.json").write_text(json.dumps(
+      {"architecture": "ghostnetv2_100"}))
+  with pytest.raises(ValueError, match="architecture='ghostnetv2_100'"):
+    students.load_hf(str(tmp_path), embed_dim=16)
 
 
 def test_student_head_and_features():

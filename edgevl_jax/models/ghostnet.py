@@ -401,7 +401,33 @@ def reparameterize(variables: dict[str, Any]) -> dict[str, Any]:
   return out
 
 
-# timm `ghostnetv3_*` state dicts (train-time, not re-parameterised).
+# timm `ghostnetv3_*` folders and state dicts (train-time, not
+# re-parameterised). A folder saved by timm (`save_for_hf` /
+# push_to_hub) holds config.json with `architecture` and model.safetensors
+# or pytorch_model.bin.
+
+# timm architecture -> width.
+TIMM_WIDTHS = {"ghostnetv3_050": 0.5, "ghostnetv3_100": 1.0,
+               "ghostnetv3_130": 1.3, "ghostnetv3_160": 1.6}
+
+
+def from_timm_config(cfg: dict[str, Any], path: str = "") -> dict[str, Any]:
+  """`GhostNetV3` fields from a timm config.json dict.
+
+  Raises:
+    ValueError: an architecture that is not a GhostNetV3, a non-square or
+      non-RGB input size.
+  """
+  arch = cfg.get("architecture")
+  if arch not in TIMM_WIDTHS:
+    raise ValueError(
+        f"{path}/config.json: architecture={arch!r} is not a supported timm "
+        f"student (supported: {sorted(TIMM_WIDTHS)}).")
+  size = (cfg.get("pretrained_cfg") or {}).get("input_size", (3, 224, 224))
+  if len(size) != 3 or size[0] != 3 or size[1] != size[2]:
+    raise ValueError(f"{path}/config.json: pretrained_cfg.input_size={size} "
+                     "is not a square RGB size.")
+  return dict(width=TIMM_WIDTHS[arch], image_size=int(size[1]))
 
 _IGNORED = re.compile(r".*\.num_batches_tracked$")
 
