@@ -249,6 +249,13 @@ def test_student_head_and_features():
       (16, 16, 8), (8, 8, 12), (4, 4, 20), (2, 2, 40)]
   assert feats["pooled"].shape == (2, 1280)
   assert set(variables["params"]["head"]) == {"proj", "norm"}
+  # The folded model also trains (QAT of what is served): shapes only.
+  deploy = students.build("ghostnetv3_100", embed_dim=24, deploy=True,
+                          quant=quant.int8(), **tiny)
+  variables = jax.eval_shape(deploy.init, jax.random.key(0), x)
+  emb, _ = jax.eval_shape(lambda v, x: deploy.apply(
+      v, x, train=True, mutable=["batch_stats"]), variables, x)
+  assert emb.shape == (2, 24)
 
 
 def _numpy_variables(model, x, seed=0):

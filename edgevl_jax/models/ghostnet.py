@@ -268,6 +268,8 @@ class GhostNetV3(nn.Module):
     num_classes: > 0 adds timm's classifier (`logits`); the EdgeVL student
       uses 0 and its own projection head.
     deploy: the folded model that `reparameterize` produces variables for.
+      It can be trained too (e.g. int8 QAT of the folded convs, which is
+      what gets served); its remaining BatchNorms then use batch stats.
     branches: conv-BN branches of each re-parameterisable conv (3).
     cfgs: bottleneck groups (`CFGS`); a shorter tuple makes a test model.
   """
@@ -286,9 +288,6 @@ class GhostNetV3(nn.Module):
   def __call__(self, images: jax.Array, train: bool = False) -> dict[str, Any]:
     """images: (B, H, W, 3) -> {'stages', 'pooled'[, 'logits']}."""
     check_images(images, "GhostNetV3")
-    if train and self.deploy:
-      raise ValueError("a deploy (re-parameterised) GhostNetV3 has no "
-                       "train-time branches; train the deploy=False model.")
     kw = dict(ops=self.ops, dtype=self.dtype)
     x = layers.conv(make_divisible(16 * self.width, 4), (3, 3), strides=2,
                     padding=_pad(3, 3), use_bias=False,
