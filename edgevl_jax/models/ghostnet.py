@@ -354,7 +354,7 @@ def _fold_sum(p: dict[str, Any], s: dict[str, Any], names: list[str],
 
 def _fold(p: dict[str, Any], s: dict[str, Any]
           ) -> tuple[dict[str, Any], dict[str, Any]]:
-  """Folds the branches of scope `p` (params) / `s` (batch_stats), recursively."""
+  """Folds the branches under scope `p` (params) / `s` (batch_stats)."""
   p, s = dict(p), dict(s)
   new = {}
   if "primary_rpr_conv_0" in p:  # a ghost module

@@ -15,7 +15,8 @@ Parameters that take no weight decay in EdgeVL are the leaves named 'bias',
 'scale', 'cls_token', 'pos_embed' and 'relative_position_bias_table'.
 ImageNet initialisation: `load_hf(path, embed_dim=D)` reads a Hugging Face
 ViT / Swin / ResNet / MobileNetV2 folder, or a timm GhostNetV3 folder
-(config.json with `architecture`, no `model_type`; `ghostnet.convert_timm`): `HF_FAMILIES` maps its config.json
+(config.json with `architecture`, no `model_type`; mapped by
+`ghostnet.convert_timm`). For HF folders `HF_FAMILIES` maps config.json's
 model_type to the family file whose `from_hf_config` gives the student's
 fields and whose `HF_MAPPING` converts the tensors (hf_mapping.py); the
 folder itself is read by hf_io.py. The classifier of *ForImageClassification
