@@ -199,7 +199,9 @@ def student_size(name: str, *, embed_dim: int | None, spec: Any = None,
       "bytes_fp32": model_size(fp32)["bytes"],
       "bytes_int8": model_size(served)["bytes"],
       "quantised_weights": n_q,
-      "float_params_int8": params - n_q,
+      # What stays float in the served tree (biases, norms, ...); equals
+      # params - quantised_weights unless the served model is folded.
+      "float_params_int8": model_size(served["params"])["params"],
   }
 
 
