@@ -48,6 +48,10 @@ TINY = {
     "mobilenet_v2": (dict(image_size=64), 64,
                      [(16, 16, 24), (8, 8, 32), (4, 4, 96), (2, 2, 320)],
                      1280),
+    # The DFC attention needs the stride-32 map to be at least 2x2.
+    "ghostnetv3_100": (dict(image_size=64), 64,
+                       [(16, 16, 24), (8, 8, 40), (4, 4, 112), (2, 2, 160)],
+                       1280),
 }
 
 # Backbone parameters at full size (no head), as counted by the Hugging Face
@@ -58,6 +62,8 @@ FULL_PARAMS = {
     "swin_t": 27_519_354, "swin_t_edgevl": 48_837_258, "swin_s": 48_837_258,
     "resnet18": 11_176_512,
     "resnet34": 21_284_672, "mobilenet_v2": 2_223_872,
+    # timm ghostnetv3_100 without its classifier (8_129_028 - 1_281_000).
+    "ghostnetv3_100": 6_848_028,
 }
 
 
@@ -98,7 +104,7 @@ def test_builder_output_and_stage_shapes(name):
   assert feats["pooled"].shape == (2, width)
   assert [s.shape[1:] for s in feats["stages"]] == stages
   head = variables["params"]["head"]
-  assert ("norm" in head) == name.startswith(("swin", "dat"))
+  assert ("norm" in head) == name.startswith(("swin", "dat", "ghostnet"))
 
 
 @pytest.mark.parametrize("name", sorted(FULL_PARAMS))
@@ -128,7 +134,7 @@ def test_stage_rule_for_shallow_and_deep_transformers():
 
 
 @pytest.mark.parametrize("name", ["vit_ti16", "swin_t", "resnet18",
-                                  "mobilenet_v2"])
+                                  "mobilenet_v2", "ghostnetv3_100"])
 def test_every_kernel_goes_through_injected_ops(name):
   counts = {"dot": 0, "conv": 0, "einsum": 0}
 

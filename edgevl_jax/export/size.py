@@ -166,7 +166,10 @@ def student_size(name: str, *, embed_dim: int | None, spec: Any = None,
   Returns:
     {'params', 'bytes_fp32', 'bytes_int8', 'quantised_weights',
     'float_params_int8'}: `params` counts trainable parameters (BatchNorm
-    statistics excluded), bytes include BatchNorm statistics.
+    statistics excluded), bytes include BatchNorm statistics. `params` and
+    `bytes_fp32` are the trained model's; a student with a `deploy` field
+    (GhostNetV3) is served re-parameterised, so `bytes_int8` and
+    `quantised_weights` are the folded model's.
   """
   from edgevl_jax.models import students  # pylint: disable=g-import-not-at-top
   spec = quant.int8("static") if spec is None else spec
@@ -175,8 +178,12 @@ def student_size(name: str, *, embed_dim: int | None, spec: Any = None,
   rng = jax.random.PRNGKey(0)
   fp32 = jax.eval_shape(
       students.build(name, embed_dim=embed_dim, **overrides).init, rng, images)
+  # A re-parameterisable student (GhostNetV3) is served folded.
+  deploy = ({"deploy": True} if "deploy" in students.allowed_overrides(name)
+            else {})
   serve_model = students.build(name, embed_dim=embed_dim,
-                               quant=spec.replace(phase="serve"), **overrides)
+                               quant=spec.replace(phase="serve"),
+                               **{**deploy, **overrides})
   served = quant.flow.drop_frozen_kernels(
       jax.eval_shape(serve_model.init, rng, images))
   int_leaves = [l for l in jax.tree.leaves(served[quant.AQT_COLLECTION])
@@ -192,7 +199,9 @@ def student_size(name: str, *, embed_dim: int | None, spec: Any = None,
       "bytes_fp32": model_size(fp32)["bytes"],
       "bytes_int8": model_size(served)["bytes"],
       "quantised_weights": n_q,
-      "float_params_int8": params - n_q,
+      # What stays float in the served tree (biases, norms, ...); equals
+      # params - quantised_weights unless the served model is folded.
+      "float_params_int8": model_size(served["params"])["params"],
   }
 
 
@@ -200,7 +209,7 @@ def size_report(
     *,
     teacher: str = "vit_g14",
     students_: Sequence[str] = ("vit_ti16", "vit_s16", "vit_b16", "swin_t",
-                                "resnet18", "mobilenet_v2"),
+                                "resnet18", "mobilenet_v2", "ghostnetv3_100"),
     embed_dim: int | None = None,
 ) -> dict[str, Any]:
   """Teacher fp32 image tower vs each student fp32 and int8.

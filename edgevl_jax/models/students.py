@@ -14,7 +14,9 @@ With `train=True`, BatchNorm (CNNs) uses batch statistics and needs
 Parameters that take no weight decay in EdgeVL are the leaves named 'bias',
 'scale', 'cls_token', 'pos_embed' and 'relative_position_bias_table'.
 ImageNet initialisation: `load_hf(path, embed_dim=D)` reads a Hugging Face
-ViT / Swin / ResNet / MobileNetV2 folder: `HF_FAMILIES` maps its config.json
+ViT / Swin / ResNet / MobileNetV2 folder, or a timm GhostNetV3 folder
+(config.json with `architecture`, no `model_type`; mapped by
+`ghostnet.convert_timm`). For HF folders `HF_FAMILIES` maps config.json's
 model_type to the family file whose `from_hf_config` gives the student's
 fields and whose `HF_MAPPING` converts the tensors (hf_mapping.py); the
 folder itself is read by hf_io.py. The classifier of *ForImageClassification
@@ -24,6 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -32,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from edgevl_jax.models import dat
+from edgevl_jax.models import ghostnet
 from edgevl_jax.models import hf_io
 from edgevl_jax.models import layers
 from edgevl_jax.models import mobilenet
@@ -58,6 +63,9 @@ _CONFIGS: dict[str, tuple[type[nn.Module], dict[str, Any], bool]] = {
     "resnet18": (resnet.ResNet, dict(stage_sizes=(2, 2, 2, 2)), False),
     "resnet34": (resnet.ResNet, dict(stage_sizes=(3, 4, 6, 3)), False),
     "mobilenet_v2": (mobilenet.MobileNetV2, dict(width=1.0), False),
+    # timm ghostnetv3_100; head Linear + LayerNorm as the Swin student.
+    # `deploy=True` is the re-parameterised model (ghostnet.reparameterize).
+    "ghostnetv3_100": (ghostnet.GhostNetV3, dict(width=1.0), True),
 }
 NAMES: tuple[str, ...] = tuple(_CONFIGS)
 
@@ -76,7 +84,10 @@ HF_FAMILIES: dict[str, type[nn.Module]] = {
 HF_FIELDS: dict[str, dict[str, str]] = {
     t: family.HF_FIELDS for t, (family, _) in _HF.items()}
 _HF_FIX = ("re-save the model with save_pretrained (a Hugging Face ViT / "
-           "Swin / ResNet / MobileNetV2 folder: config.json plus weights)")
+           "Swin / ResNet / MobileNetV2 folder: config.json plus weights) "
+           "or timm's save_for_hf (a GhostNetV3 folder)")
+# The student a timm GhostNetV3 folder builds (its width from config.json).
+TIMM_STUDENT = "ghostnetv3_100"
 
 
 class Student(nn.Module):
@@ -192,13 +203,30 @@ def hf_overrides(cfg: dict[str, Any], path: str = "") -> dict[str, Any]:
                      "the student.") from e
 
 
+def _timm_architecture(path: str) -> str | None:
+  """`architecture` of a timm folder's config.json (no `model_type`), or
+  None for anything else (read_hf_config then names what is wrong)."""
+  cfg_file = os.path.join(os.fspath(path), hf_io.CONFIG)
+  try:
+    with open(cfg_file, encoding="utf-8") as f:
+      cfg = json.load(f)
+  except (OSError, ValueError):
+    return None
+  if not isinstance(cfg, dict) or "model_type" in cfg:
+    return None
+  arch = cfg.get("architecture")
+  return arch if isinstance(arch, str) else None
+
+
 def load_hf(path: str, *, embed_dim: int | None = None,
             rng: jax.Array | None = None, quant: Any = None,
             **overrides: Any) -> tuple[Student, dict[str, Any]]:
   """ImageNet student from a local Hugging Face folder: (model, variables).
 
   Args:
-    path: folder with config.json and the weights (see hf_io.py).
+    path: folder with config.json and the weights (see hf_io.py): a
+      Hugging Face model, or a timm GhostNetV3 (`architecture` in
+      config.json).
     embed_dim: projection size D; the head is freshly initialised from `rng`
       (default key 0). None: the pooled backbone output is the embedding.
     quant: passed to `build`.
@@ -212,10 +240,19 @@ def load_hf(path: str, *, embed_dim: int | None = None,
     ValueError: naming the folder and what is wrong with it (see hf_io.py),
       or every missing, unexpected or mis-shaped tensor.
   """
-  cfg = read_hf_config(path)
-  family, name = _HF[cfg["model_type"]]
-  model = build(name, embed_dim=embed_dim, quant=quant,
-                **{**hf_overrides(cfg, path), **overrides})
+  arch = _timm_architecture(path)
+  if arch is not None:
+    cfg = hf_io.read_config(path, what="student checkpoint",
+                            model_types=(None,), fix=_HF_FIX)
+    model = build(TIMM_STUDENT, embed_dim=embed_dim, quant=quant,
+                  **{**ghostnet.from_timm_config(cfg, path), **overrides})
+    convert = ghostnet.convert_timm
+  else:
+    cfg = read_hf_config(path)
+    family, name = _HF[cfg["model_type"]]
+    model = build(name, embed_dim=embed_dim, quant=quant,
+                  **{**hf_overrides(cfg, path), **overrides})
+    convert = family.HF_MAPPING.convert
   x = jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32)
   rng = jax.random.key(0) if rng is None else rng
   abstract = jax.eval_shape(model.init, rng, x)
@@ -225,7 +262,7 @@ def load_hf(path: str, *, embed_dim: int | None = None,
   # (collection, *path inside the backbone) -> shape.
   shapes = {(k[0],) + k[2:]: nn.meta.unbox(v).shape for k, v in flat.items()}
   state = hf_io.read_state_dict(path, what="student checkpoint")
-  values = family.HF_MAPPING.convert(state, shapes, where=path)
+  values = convert(state, shapes, where=path)
 
   def fill(key, box):
     value = jnp.asarray(values[(key[0],) + key[2:]])
