@@ -50,6 +50,27 @@ def _meta(family):
               overrides=overrides)
 
 
+def _jit_apply(model, outputs=None):
+  """model.apply, jitted (eager AQT is slow op by op); `mutable` static.
+
+  `outputs` (a list) receives each call's model output: the convert phase
+  computes the fake-quant forward, so its output is the int8 reference
+  without compiling the model once more.
+  """
+  fns = {}
+
+  def apply(variables, x, mutable=False):
+    key = tuple(mutable) if isinstance(mutable, (list, tuple)) else mutable
+    if key not in fns:
+      fns[key] = jax.jit(lambda v, x: model.apply(v, x, mutable=mutable))
+    result = fns[key](variables, x)
+    if outputs is not None:
+      outputs.append(result[0] if mutable else result)
+    return result
+
+  return apply
+
+
 def _unit(e):
   e = np.asarray(e)
   return e / np.linalg.norm(e, axis=-1, keepdims=True)
@@ -63,7 +84,7 @@ def student(request):
   s = ov["image_size"]
   rng = np.random.default_rng(0)
   build = lambda q=None: students.build(name, embed_dim=16, quant=q, **ov)
-  v = build().init(jax.random.PRNGKey(0), jnp.zeros((1, s, s, 3)))
+  v = jax.jit(build().init)(jax.random.PRNGKey(0), jnp.zeros((1, s, s, 3)))
   v = {k: v[k] for k in ("params", "batch_stats") if k in v}
   if "batch_stats" in v:  # trained-looking BN statistics, not 0 / 1
     v["batch_stats"] = jax.tree.map(
@@ -74,13 +95,15 @@ def student(request):
   spec = quant.int8(calibration="static")
   calibrated = quant.calibrate(build(spec.replace(phase="calibrate")).apply,
                                v, [x])
-  served = quant.convert(build(spec.replace(phase="convert")).apply,
-                         calibrated, x[:1])
+  fake_quant = []  # convert's forward is the static fake-quant model
+  served = quant.convert(
+      _jit_apply(build(spec.replace(phase="convert")), fake_quant),
+      calibrated, x)
   served = jax.tree.map(np.asarray, flax.core.unfreeze(
       flax.linen.meta.unbox(served)))
   return dict(family=family, meta=_meta(family), params=v, served=served,
-              images=images, fp32=_unit(build().apply(v, x)),
-              fake_quant=_unit(build(spec).apply(calibrated, x)))
+              images=images, fp32=_unit(_jit_apply(build())(v, x)),
+              fake_quant=_unit(fake_quant[0]))
 
 
 def _run(model, images, optimized=None):
@@ -181,8 +204,8 @@ def artefact(tmp_path_factory):
                                        jnp.float32), "clip")
   spec = quant.int8(calibration="static")
   cal = quant.calibrate(build(spec.replace(phase="calibrate")).apply, v, [x])
-  served = quant.convert(build(spec.replace(phase="convert")).apply, cal,
-                         x[:1])
+  served = quant.convert(_jit_apply(build(spec.replace(phase="convert"))),
+                         cal, x[:1])
   out = str(tmp_path_factory.mktemp("onnx_artefact"))
   manifest = onnx_export.export_onnx(
       out, meta=meta, params=v, served=served,
