@@ -58,7 +58,8 @@ def _openvino(path: str, threads: int):
     return None
   core = ov.Core()
   compiled = core.compile_model(core.read_model(path), "CPU",
-                                {"INFERENCE_NUM_THREADS": threads})
+                                {"INFERENCE_NUM_THREADS": threads,
+                                 "INFERENCE_PRECISION_HINT": "f32"})
   req = compiled.create_infer_request()
   return lambda x: req.infer({"images": x})
 

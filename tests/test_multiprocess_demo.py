@@ -123,7 +123,8 @@ def test_two_processes_match_one_process(tmp_path):
   # Process 0 alone wrote the ONNX artefact and ran it on the test split.
   for run, report in (("one", r1), ("two", r2)):
     edge = report["edge"]
-    assert (tmp_path / run / "5_export" / edge["onnx_dir"] /
+    # onnx_dir is relative to the pipeline folder (5_export/export_onnx).
+    assert (tmp_path / run / edge["onnx_dir"] /
             "student_int8_u8.onnx").exists()
     assert edge["cosine_to_fake_quant"] >= 0.999
     for modality in ("rgb", "depth"):

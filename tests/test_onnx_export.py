@@ -160,8 +160,30 @@ def test_u8_and_s8s8_hold_the_same_codes(student):
   assert _cos(outs[0], outs[1]) >= 0.99999
 
 
-@pytest.mark.parametrize("name", ["vit_s16", "swin_t", "resnet18",
-                                  "mobilenet_v2"])
+def test_openvino_runs_the_cnn_graphs(student, tmp_path):
+  """OpenVINO (optional runtime for the CNN students) on the same files."""
+  ov = pytest.importorskip("openvino")
+  if student["family"] not in ("resnet", "mobilenet"):
+    pytest.skip("OpenVINO is the optional runtime of the CNN students")
+  core = ov.Core()
+  for kind, variables, ref in (
+      (None, student["params"], student["fp32"]),
+      ("u8", student["served"], student["fake_quant"])):
+    path = str(tmp_path / f"{kind}.onnx")
+    with open(path, "wb") as f:
+      f.write(onnx_export.student_onnx(student["meta"], variables,
+                                       encoding=kind).SerializeToString())
+    # f32: OpenVINO may otherwise pick bf16 for the float parts.
+    compiled = core.compile_model(core.read_model(path), "CPU",
+                                  {"INFERENCE_PRECISION_HINT": "f32"})
+    out = np.asarray(compiled.create_infer_request().infer(
+        {"images": student["images"]})["embedding"])
+    assert _cos(out, ref) >= (0.99999 if kind is None else 0.999)
+
+
+@pytest.mark.parametrize("name", ["vit_ti16", "vit_s16", "vit_b16", "swin_t",
+                                  "swin_t_edgevl", "swin_s", "resnet18",
+                                  "resnet34", "mobilenet_v2"])
 def test_int8_file_size_is_the_served_size(name):
   """Full 224-px students: the int8 ONNX file is the served int8 bytes.
 

@@ -160,7 +160,10 @@ def _openvino(path: str, threads: int | None):
     raise ValueError("runtime='openvino' needs the openvino package (pip "
                      "install openvino); or use runtime='onnxruntime'.") from e
   core = ov.Core()
-  config = {"INFERENCE_NUM_THREADS": int(threads)} if threads else {}
+  # f32: OpenVINO may otherwise run the float parts in bf16 on CPUs with it.
+  config = {"INFERENCE_PRECISION_HINT": "f32"}
+  if threads:
+    config["INFERENCE_NUM_THREADS"] = int(threads)
   compiled = core.compile_model(core.read_model(path), "CPU", config)
   request = compiled.create_infer_request()
 
