@@ -68,7 +68,7 @@ def prepare(name: str, *, embed_dim: int, image_size: int, folder: str):
   """(jax fns, onnx file paths, served) of one student."""
   spec = quant.int8("static")
   build = lambda phase=None: students.build(
-      name, embed_dim=embed_dim,
+      name, embed_dim=embed_dim, image_size=image_size,
       quant=None if phase is None else spec.replace(phase=phase))
   shape = (1, image_size, image_size, 3)
   v = jax.jit(build().init)(jax.random.PRNGKey(0), jnp.zeros(shape))
