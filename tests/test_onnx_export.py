@@ -332,3 +332,30 @@ def test_wrong_image_size_or_channels_is_named(artefact):
     model(np.zeros((2, s, s, 1), np.uint8))
   with pytest.raises(ValueError, match="model='int4'"):
     edge_predict.load(artefact[0], model="int4")
+
+
+def test_layers_the_int8_student_keeps_float_are_float():
+  """A student whose convs stay float (quantize_conv=False): the ViT patch
+  embedding is a float Conv on a float kernel, the rest int8 as before."""
+  name, ov = FAMILIES["vit"]
+  s = ov["image_size"]
+  spec = quant.int8(calibration="static").replace(quantize_conv=False)
+  build = lambda q=None: students.build(name, embed_dim=16, quant=q, **ov)
+  v = {"params": jax.jit(build().init)(jax.random.PRNGKey(2),
+                                       jnp.zeros((1, s, s, 3)))["params"]}
+  images = np.random.default_rng(2).uniform(size=(4, s, s, 3)).astype(
+      np.float32)
+  x = preprocess.normalize(jnp.asarray(images), "clip")
+  cal = quant.calibrate(build(spec.replace(phase="calibrate")).apply, v, [x])
+  fake_quant = []
+  served = quant.convert(
+      _jit_apply(build(spec.replace(phase="convert")), fake_quant), cal, x)
+  served = jax.tree.map(np.asarray, flax.core.unfreeze(
+      flax.linen.meta.unbox(served)))
+  model = onnx_export.student_onnx(_meta("vit"), served, encoding="s8s8")
+  conv = next(n for n in model.graph.node if n.op_type == "Conv")
+  kernel = next(i for i in model.graph.initializer if i.name == conv.input[1])
+  assert kernel.data_type == onnx.TensorProto.FLOAT
+  producer = {o: n.op_type for n in model.graph.node for o in n.output}
+  assert producer[conv.input[0]] != "DequantizeLinear"  # input not quantised
+  assert _cos(_run(model, images), fake_quant[0]) >= 0.999
