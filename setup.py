@@ -21,6 +21,9 @@ INSTALL_REQUIRES = [
     "scikit-learn>=1.4",
     # jax.export serialisation of the edge artefact.
     "flatbuffers>=24.3",
+    # The ONNX edge artefact (export) and its runtime (tests, demo metrics).
+    "onnx>=1.23,<1.24",
+    "onnxruntime>=1.32,<1.33",
 ]
 
 EXTRAS = {
@@ -32,7 +35,13 @@ EXTRAS = {
         "nbformat>=5.9",
         "nbclient>=0.10",
         "ipykernel>=6.29",
+        "openvino==2026.4.*",
     ],
+    # What a device needs to run the ONNX artefact (export.edge_predict,
+    # `python -m edgevl_jax.export.predict`): no JAX. Install with
+    # `pip install --no-deps .` plus these, or copy the two modules.
+    "edge": ["onnxruntime>=1.32,<1.33", "numpy>=1.26", "pillow>=10"],
+    "openvino": ["openvino==2026.4.*"],
     # Preparing public TFDS datasets (EuroSAT from its original source) needs TF.
     "prepare": ["tensorflow-cpu>=2.16", "tifffile>=2024.1"],
     "bench": ["torch==2.13.0", "psutil>=5.9"],

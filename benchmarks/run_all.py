@@ -28,6 +28,8 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "sharding_memory": ([], []),
     "student_latency": (
         ["--quick", "--students=vit_ti16,resnet18", "--batches=1,8"], []),
+    "edge_latency": (
+        ["--quick", "--students=resnet18", "--batches=1", "--threads=1"], []),
     "teacher_throughput": (
         ["--batch=2", "--image-size=64", "--layers=2", "--warmup=1",
          "--iters=2"], []),

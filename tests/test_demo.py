@@ -46,6 +46,22 @@ def test_demo_quick_report_and_artefacts(quick_report):
   for name in ("weights.msgpack", "text_features.npy", "manifest.json"):
     assert os.path.exists(os.path.join(report["_workdir"],
                                        report["export_dir"], name))
+  # The ONNX edge artefact, run by ONNX Runtime on the test split.
+  edge = report["edge"]
+  for name in ("student_fp32.onnx", "student_int8_u8.onnx",
+               "student_int8_s8s8.onnx", "text_features.npy",
+               "manifest.json"):
+    assert os.path.exists(os.path.join(report["_workdir"], edge["onnx_dir"],
+                                       name))
+  assert 0 < edge["onnx_int8_bytes"] < edge["onnx_fp32_bytes"]
+  assert edge["onnx_int8_bytes"] <= 1.10 * edge["served_int8_bytes"]
+  assert edge["cosine_to_fake_quant"] >= 0.999
+  for modality in ("rgb", "depth"):
+    # ONNX int8 within 0.5 points of the in-framework static int8.
+    assert abs(edge["zero_shot_onnx_int8"][modality]
+               - edge["zero_shot_int8_static"][modality]) <= 0.005
+    assert abs(edge["zero_shot_int8_static"][modality]
+               - report["zero_shot"]["student_int8_static"][modality]) <= 0.005
 
 
 @pytest.mark.slow

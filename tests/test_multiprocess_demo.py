@@ -120,3 +120,13 @@ def test_two_processes_match_one_process(tmp_path):
       assert 0.0 <= a <= 1.0
       assert abs(a - b) <= tol + 1e-9, (model, modality, a, b)
   assert r1["model_bytes"] == r2["model_bytes"]
+  # Process 0 alone wrote the ONNX artefact and ran it on the test split.
+  for run, report in (("one", r1), ("two", r2)):
+    edge = report["edge"]
+    # onnx_dir is relative to the pipeline folder (5_export/export_onnx).
+    assert (tmp_path / run / edge["onnx_dir"] /
+            "student_int8_u8.onnx").exists()
+    assert edge["cosine_to_fake_quant"] >= 0.999
+    for modality in ("rgb", "depth"):
+      assert abs(edge["zero_shot_onnx_int8"][modality]
+                 - edge["zero_shot_int8_static"][modality]) <= 0.005

@@ -204,6 +204,20 @@ def export_from_student(
       (`edgevl.calibration.calibrated_variables`).
     text_features, class_names, **kwargs: as in `export_artifact`.
   """
+  served = convert_static(meta, variables)
+  return export_artifact(out_dir, meta=meta, served=served,
+                         text_features=text_features, class_names=class_names,
+                         **kwargs)
+
+
+def convert_static(meta: Mapping[str, Any], variables: Mapping[str, Any]
+                   ) -> dict[str, Any]:
+  """The served int8 variables of a static-calibrated student (host numpy).
+
+  Args:
+    meta: student.json dict.
+    variables: {'params', 'quant_stats'} (`calibration.calibrated_variables`).
+  """
   if quant.QUANT_STATS not in variables:
     raise ValueError("export_from_student needs calibrated variables (a "
                      f"'{quant.QUANT_STATS}' collection); calibrate first.")
@@ -212,9 +226,8 @@ def export_from_student(
   size = int(meta["image_size"])
   served = quant.convert(m_cvt.apply, dict(variables),
                          jnp.zeros((1, size, size, 3), jnp.float32))
-  return export_artifact(out_dir, meta=meta, served=served,
-                         text_features=text_features, class_names=class_names,
-                         **kwargs)
+  return jax.tree.map(np.asarray, jax.device_get(
+      flax.core.unfreeze(flax.linen.meta.unbox(dict(served)))))
 
 
 class Artifact:

@@ -2,6 +2,10 @@ r"""Zero-shot predictions of an exported EdgeVL artefact on an image folder.
 
   python -m edgevl_jax.export.predict --artifact=DIR --images=FOLDER
 
+DIR is an ONNX artefact (onnx_export; run with ONNX Runtime, no JAX needed:
+`--model=int8_u8|int8_s8s8|fp32`, `--runtime=onnxruntime|openvino`) or a
+jax.export artefact (artifact.py; needs JAX).
+
 Prints one line per image, `filename<TAB>class<TAB>confidence`, in file-name
 order. Images (PNG, JPEG, ...) are converted to RGB (a single-channel depth
 PNG is repeated to 3 channels, min-max rescaled first when it is 16-bit or
@@ -129,18 +133,31 @@ def check_batch_size(batch_size: int) -> None:
 
 
 # ----- prediction -------------------------------------------------------------
+def load_any(artifact_dir: str, *, model: str = "int8_u8",
+             runtime: str = "onnxruntime"):
+  """The ONNX artefact (edge_predict, no JAX) or the jax.export one."""
+  from edgevl_jax.export import edge_predict  # pylint: disable=g-import-not-at-top
+  if edge_predict.is_onnx_artifact(artifact_dir):
+    return edge_predict.load(artifact_dir, model=model, runtime=runtime)
+  # Only the jax.export artefact needs JAX.
+  from edgevl_jax.export import artifact as artifact_lib  # pylint: disable=g-import-not-at-top
+  return artifact_lib.load_artifact(artifact_dir)
+
+
 def predict_folder(artifact_dir: str, folder: str, *, batch_size: int = 32,
-                   on_skip: Callable[[str, str], None] | None = None
+                   on_skip: Callable[[str, str], None] | None = None,
+                   model: str = "int8_u8", runtime: str = "onnxruntime"
                    ) -> list[tuple[str, str, float]]:
   """[(filename, class name, confidence)] for every readable image in folder.
 
   Entries named like images that cannot be read are passed to
   `on_skip(name, reason)` (default: a warning line on stderr) and left out.
+  `artifact_dir` is an ONNX artefact (run with `runtime`, graph `model`:
+  int8_u8, int8_s8s8 or fp32) or a jax.export artefact.
   """
-  from edgevl_jax.export import artifact as artifact_lib  # pylint: disable=g-import-not-at-top
   check_batch_size(batch_size)
   on_skip = on_skip or warn_skipped
-  art = artifact_lib.load_artifact(artifact_dir)
+  art = load_any(artifact_dir, model=model, runtime=runtime)
   names, skipped = scan_image_folder(folder)
   for s in skipped:
     on_skip(s.name, s.reason)
@@ -163,6 +180,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="folder written by export.artifact.export_artifact")
   parser.add_argument("--images", required=True, help="folder of images")
   parser.add_argument("--batch_size", type=int, default=32)
+  parser.add_argument("--model", default="int8_u8",
+                      help="ONNX artefact graph: int8_u8 (x86 without VNNI), "
+                      "int8_s8s8 (VNNI, ARM, TensorRT) or fp32")
+  parser.add_argument("--runtime", default="onnxruntime",
+                      help="ONNX artefact runtime: onnxruntime or openvino")
   args = parser.parse_args(argv)
   skipped = []
 
@@ -172,7 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   try:
     rows = predict_folder(args.artifact, args.images,
-                          batch_size=args.batch_size, on_skip=on_skip)
+                          batch_size=args.batch_size, on_skip=on_skip,
+                          model=args.model, runtime=args.runtime)
   except (ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
