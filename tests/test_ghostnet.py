@@ -299,12 +299,15 @@ def test_int8_served_equals_fake_quant_static_after_folding():
       quant=spec if phase is None else spec.replace(phase=phase), **tiny)
   calib = jnp.concatenate([x, 2.0 * x[::-1]])
   folded = quant.calibrate(build("calibrate").apply, folded, [calib])
+  # Op by op the served int8 model computes exactly the fake-quant codes.
+  # (Jitted, XLA's fusions may round one rescale differently by an ulp and
+  # flip one code downstream: 2e-4 on these logits with float-calibrated
+  # ranges; so the exact check runs eagerly.)
+  fake = build().apply(folded, x)
+  served = quant.convert(build("convert").apply, folded, x)
+  out = quant.serve_apply(build("serve").apply, served, x)
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(fake))
   fake = jax.jit(build().apply)(folded, x)
-  served = jax.jit(lambda v, x: quant.convert(build("convert").apply, v, x))(
-      folded, x)
-  out = jax.jit(lambda v, x: quant.serve_apply(build("serve").apply, v, x))(
-      served, x)
-  np.testing.assert_allclose(out, fake, rtol=1e-5, atol=1e-5)
   ref = jax.jit(deploy.apply)(folded, x)
   assert _max_diff(fake, ref) > 1e-4  # quantisation did something
   rel = float(jnp.linalg.norm(fake - ref) / jnp.linalg.norm(ref))
