@@ -297,3 +297,33 @@ def test_runlocal_scannet_at_sensor_resolution_end_to_end(tmp_path):
                             curation.OUTPUT_FILE)) as f:
     assert len(f["vocabulary"]) == 49  # the published indoor names
   print("scannet runlocal:", json.dumps({"kd": kd, "qat": qat}))
+
+
+@pytest.mark.slow
+def test_runlocal_ghostnet_folds_before_quantisation_end_to_end(tmp_path):
+  """GhostNetV3 through every stage: trained with its re-parameterisable
+  branches and BatchNorm in stage 1, folded (deploy=True) before QAT, then
+  calibrated, evaluated and exported folded (64 px EuroSAT tiles)."""
+  teacher = _tiny_teacher(tmp_path / "teacher", info_lib.SATELLITE_SUPERSET
+                          + info_lib.EUROSAT_CLASSES, image_size=64)
+  config = _EDGEVL["get_config"](
+      f"dataset=eurosat,student=ghostnetv3_100,runlocal,mining=online,"
+      f"teacher={teacher},data_dir={tmp_path / 'tfds'}")
+  assert config.image_size == 64
+  [qat_stage] = [s for s in config.stages if s.name == "qat_contrastive"]
+  qat_stage.batch_size = 8
+  workdir = str(tmp_path / "wd")
+  with tfds.testing.mock_data(num_examples=240):
+    main_lib.run(config, workdir)
+  report = _report(workdir)
+  _check_pipeline_report(report, kept=(0.10, 0.50), batches=(8, 8))
+  _, v1, meta1 = handoff.student_variables(
+      os.path.join(workdir, "1_dual_modality_kd"))
+  _, v2, meta2 = handoff.student_variables(
+      os.path.join(workdir, "2_qat_contrastive"))
+  assert not meta1["overrides"].get("deploy")
+  assert meta2["overrides"]["deploy"] is True
+  n = lambda v: sum(np.size(x) for x in jax.tree.leaves(v["params"]))
+  assert n(v2) < n(v1)  # the train-time branches were folded
+  assert meta2["model_state"] == ["batch_stats"]
+  assert 0.0 <= report["zero_shot"]["student_int8_static"]["swir"] <= 1.0

@@ -38,6 +38,7 @@ from edgevl_jax.edgevl import splits
 from edgevl_jax.edgevl import student_spec
 from edgevl_jax.edgevl import triplet_mining
 from edgevl_jax.edgevl import validation
+from edgevl_jax.models import students
 from edgevl_jax.run import config as config_lib
 from edgevl_jax.run import mesh as mesh_lib
 from edgevl_jax.run import optim as optim_lib
@@ -146,8 +147,12 @@ def build(config: Any, ctx: runner.Context) -> runner.TrainSpec:
   train_src = splits.load_source(config, "train")
   val_src = splits.load_source(config, "validation")
   info = train_src.info
-  model, init_variables, meta = handoff.student_variables(
-      config.init_from, quant=quant_spec(config.quant))
+  _, init_variables, meta = handoff.student_variables(config.init_from)
+  # Re-parameterisable students (GhostNetV3) are folded before QAT.
+  overrides, init_variables = students.deploy_form(
+      meta["name"], dict(meta.get("overrides") or {}), init_variables)
+  meta = {**meta, "overrides": overrides}
+  model = handoff.build_student(meta, quant_spec(config.quant))
   if int(meta["image_size"]) != config.image_size:
     raise ValueError(f"config.image_size={config.image_size} differs from the "
                      f"stage-1 student's image_size={meta['image_size']}.")

@@ -280,3 +280,24 @@ def load_hf(path: str, *, embed_dim: int | None = None,
     variables["params"]["head"] = head.init(
         rng, jnp.zeros((1, pooled["pooled"].shape[-1])))["params"]
   return model, variables
+
+
+# Families trained with re-parameterisable branches: class -> fold function
+# (variables of deploy=False -> variables of deploy=True).
+_REPARAMETERIZE = {ghostnet.GhostNetV3: ghostnet.reparameterize}
+
+
+def deploy_form(name: str, overrides: dict[str, Any], variables: Any
+                ) -> tuple[dict[str, Any], Any]:
+  """(overrides, variables) of the student as it is deployed.
+
+  Re-parameterisable students (GhostNetV3) fold their train-time branches
+  into single convs (`deploy=True`); quantisation-aware training,
+  calibration and export then work on the folded convs, as GhostNetV3
+  prescribes (fold, then quantise). Other students come back unchanged.
+  """
+  cls = _CONFIGS[name][0] if name in _CONFIGS else None
+  fold = _REPARAMETERIZE.get(cls)
+  if fold is None or overrides.get("deploy"):
+    return dict(overrides), variables
+  return {**overrides, "deploy": True}, fold(variables)

@@ -128,7 +128,7 @@ def pipeline(stages: list[Stage], *, dataset: str, data_dir: str,
 
 # Students selectable by config arg, with EdgeVL's settings.
 STUDENTS = ("swin_t", "swin_t_edgevl", "vit_ti16", "vit_s16", "vit_b16",
-            "resnet18", "mobilenet_v2")
+            "resnet18", "mobilenet_v2", "ghostnetv3_100")
 
 
 def _tiny_overrides(name):
@@ -137,6 +137,12 @@ def _tiny_overrides(name):
   if name.startswith("swin"):
     return dict(patch_size=2, window_size=2, width=16, depths=(1, 1, 1, 1),
                 num_heads=(1, 1, 1, 1))
+  if name.startswith("ghostnet"):
+    # Three stages of GhostNetV3 bottlenecks (the DFC attention in the
+    # last), quarter width.
+    return dict(width=0.25, head_features=32, cfgs=(
+        ((3, 16, 16, 0.0, 1),), ((3, 48, 24, 0.0, 2),),
+        ((5, 72, 40, 0.25, 2), (5, 120, 40, 0.25, 1))))
   if name.startswith("resnet"):
     return dict(stage_sizes=(1, 1, 1, 1), widths=(8, 16, 32, 64),
                 stem_width=8, cifar_stem=True)
@@ -216,7 +222,9 @@ def paper_config(arg, *, dataset, data_config="",
   if not args.student_hf and not local:
     raise ValueError(f"config arg student_hf is not set. {STUDENT_HF_HELP}")
   student_hf = "" if args.student_hf.lower() == "none" else args.student_hf
-  image_size = 32 if local else 224
+  # GhostNetV3's DFC attention pools the stride-32 map 2x: 64 px at least.
+  image_size = (64 if args.student.startswith("ghostnet") else 32) if (
+      local) else 224
   overrides = dict(image_size=image_size)
   if local and not student_hf:
     overrides.update(_tiny_overrides(args.student))
