@@ -35,6 +35,7 @@ import numpy as np
 
 from edgevl_jax import quant
 from edgevl_jax.edgevl import handoff
+from edgevl_jax.export import edge_predict
 from edgevl_jax.export import size as size_lib
 from edgevl_jax.models import preprocess
 from edgevl_jax.utils import io as io_lib
@@ -230,7 +231,7 @@ def convert_static(meta: Mapping[str, Any], variables: Mapping[str, Any]
       flax.core.unfreeze(flax.linen.meta.unbox(dict(served)))))
 
 
-class Artifact:
+class Artifact(edge_predict.ZeroShotClassifier):
   """A loaded artefact: `artifact(images) -> (embeddings, classes)`.
 
   Attributes:
@@ -271,16 +272,6 @@ class Artifact:
       out.append(np.asarray(emb)[:chunk.shape[0]])
     return np.concatenate(out)
 
-  def scores(self, embeddings: np.ndarray) -> np.ndarray:
-    """(B, D) -> (B, C) class probabilities (softmax of scaled cosines)."""
-    logits = self.manifest["logit_scale"] * embeddings @ self.text_features.T
-    logits = logits - logits.max(axis=-1, keepdims=True)
-    p = np.exp(logits)
-    return p / p.sum(axis=-1, keepdims=True)
-
-  def __call__(self, images: Any) -> tuple[np.ndarray, np.ndarray]:
-    emb = self.embed(images)
-    return emb, np.argmax(emb @ self.text_features.T, axis=-1)
 
 
 def load_artifact(path: str) -> Artifact:

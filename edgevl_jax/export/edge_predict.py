@@ -34,7 +34,8 @@ def is_onnx_artifact(folder: str) -> bool:
     return False
 
 
-def _sha256(path: str) -> str:
+def sha256(path: str) -> str:
+  """Hex sha256 of a file (read in 1 MiB chunks)."""
   h = hashlib.sha256()
   with open(path, "rb") as f:
     for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -72,7 +73,7 @@ def checked_file(folder: str, manifest: dict[str, Any], name: str) -> str:
                      "(copy the whole folder).")
   want = manifest["files"].get(name, {})
   size = os.path.getsize(path)
-  if want.get("sha256") and _sha256(path) != want["sha256"]:
+  if want.get("sha256") and sha256(path) != want["sha256"]:
     raise ValueError(
         f"{path}: sha256 does not match the manifest ({size} bytes, expected "
         f"{want.get('bytes')}); the file is truncated or from another "
@@ -80,7 +81,31 @@ def checked_file(folder: str, manifest: dict[str, Any], name: str) -> str:
   return path
 
 
-class EdgeModel:
+class ZeroShotClassifier:
+  """Zero-shot classes from `embed` and the artefact's text features; the
+  base of both artefact kinds (this module's and `artifact.Artifact`).
+  Subclasses set `manifest`, `text_features` and define `embed`."""
+
+  manifest: dict
+  text_features: np.ndarray
+
+  def embed(self, images: Any) -> np.ndarray:
+    raise NotImplementedError
+
+  def scores(self, embeddings: np.ndarray) -> np.ndarray:
+    """(B, D) -> (B, C) class probabilities (softmax of scaled cosines)."""
+    logits = self.manifest["logit_scale"] * embeddings @ self.text_features.T
+    logits = logits - logits.max(axis=-1, keepdims=True)
+    p = np.exp(logits)
+    return p / p.sum(axis=-1, keepdims=True)
+
+  def __call__(self, images: Any) -> tuple[np.ndarray, np.ndarray]:
+    """images -> ((B, D) embeddings, (B,) class ids)."""
+    emb = self.embed(images)
+    return emb, np.argmax(emb @ self.text_features.T, axis=-1)
+
+
+class EdgeModel(ZeroShotClassifier):
   """A loaded ONNX artefact: `model(images) -> (embeddings, classes)`.
 
   Attributes:
@@ -125,16 +150,6 @@ class EdgeModel:
          else x.astype(np.float32))
     return self._run(np.ascontiguousarray(x))
 
-  def scores(self, embeddings: np.ndarray) -> np.ndarray:
-    """(B, D) -> (B, C) class probabilities (softmax of scaled cosines)."""
-    logits = self.manifest["logit_scale"] * embeddings @ self.text_features.T
-    logits = logits - logits.max(axis=-1, keepdims=True)
-    p = np.exp(logits)
-    return p / p.sum(axis=-1, keepdims=True)
-
-  def __call__(self, images: Any) -> tuple[np.ndarray, np.ndarray]:
-    emb = self.embed(images)
-    return emb, np.argmax(emb @ self.text_features.T, axis=-1)
 
 
 def _onnxruntime(path: str, threads: int | None):

@@ -23,7 +23,6 @@ image_size) -> pooled name` (see onnx_transformers.py / onnx_cnns.py).
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from typing import Any, Callable, Mapping, Sequence
 
@@ -32,6 +31,7 @@ import onnx
 from onnx import TensorProto
 from onnx import helper
 
+from edgevl_jax.export import edge_predict
 from edgevl_jax.export import onnx_cnns
 from edgevl_jax.export import onnx_transformers
 from edgevl_jax.export import onnx_graph
@@ -116,12 +116,7 @@ def student_onnx(meta: Mapping[str, Any], variables: Mapping[str, Any], *,
   return proto
 
 
-def sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
+sha256 = edge_predict.sha256
 
 
 def export_onnx(
