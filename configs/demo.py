@@ -16,7 +16,10 @@ are random nuisances. The teacher, trained on RGB only, is much worse on
 depth than on RGB; the student closes most of that gap on depth.
 
 Args (comma separated): quick (a much smaller run used by the tests),
-seed=N, data_dir=PATH.
+seed=N, data_dir=PATH, student=ghostnetv3_100 (the re-parameterisable
+GhostNetV3 CNN student instead of the ViT; it needs 64 px scenes, so the
+data and the teacher are 64 px too, with the same 2 x 2 teacher token grid
+of 32 px patches).
 """
 from edgevl_jax.presets import edgevl as presets
 from edgevl_jax.run import config as config_lib
@@ -29,7 +32,12 @@ QUICK_DATA = "custom_32px_960_120_240"
 
 def get_config(arg=None):
   args = config_lib.parse_arg(arg, quick=False, seed=0,
-                              data_dir="workdirs/tfds")
+                              data_dir="workdirs/tfds", student="vit_ti16")
+  if args.student not in ("vit_ti16", "ghostnetv3_100"):
+    raise ValueError(f"config arg student={args.student!r}; choose vit_ti16 "
+                     "or ghostnetv3_100.")
+  ghost = args.student == "ghostnetv3_100"
+  size = 64 if ghost else IMAGE_SIZE
   quick = args.quick
   teacher = "@clip_pretrain/teacher_path"
   # Patch 16 on 32 px images (2 x 2 tokens + CLS), as ViT-B/16 sees a
@@ -39,7 +47,8 @@ def get_config(arg=None):
   # 145 s, patch 16 / 128 / 4 74% in 145 s: from scratch on a few thousand
   # images, fewer and wider tokens learn shape far faster per CPU-second.
   clip_model = dict(vision_width=128, vision_layers=4, vision_heads=4,
-                    patch_size=16, text_width=64, text_layers=1, text_heads=4,
+                    patch_size=size // 2, text_width=64, text_layers=1,
+                    text_heads=4,
                     projection_dim=64, max_length=24, vocab_size=400,
                     hidden_act="gelu")
   # Same token grid for the student: with patch 8 it reached 19% depth
@@ -49,6 +58,9 @@ def get_config(arg=None):
   student = dict(name="vit_ti16", normalization="clip", overrides=dict(
       image_size=IMAGE_SIZE, patch_size=16, width=128, depth=4, num_heads=4,
       drop_path_rate=0.0))
+  if ghost:
+    student = dict(name="ghostnetv3_100", normalization="clip",
+                   overrides=dict(image_size=size))
   steps = (lambda full, small: small if quick else full)
   stages = [presets.clip_pretrain(
       model=clip_model, batch_size=64, num_steps=steps(1000, 400),
@@ -68,5 +80,6 @@ def get_config(arg=None):
                optim=dict(presets.STAGE2_OPTIM, lr=1e-5, end_lr=1e-6)))
   return presets.pipeline(
       stages, dataset="synthetic_rgbd", data_dir=args.data_dir,
-      data_config=QUICK_DATA if quick else DEMO_DATA, image_size=IMAGE_SIZE,
+      data_config=(QUICK_DATA if quick else DEMO_DATA).replace(
+          "32px", f"{size}px"), image_size=size,
       seed=args.seed)
