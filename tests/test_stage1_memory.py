@@ -5,21 +5,18 @@ import ml_collections
 import numpy as np
 import pytest
 
-from edgevl_jax.edgevl import clip_teacher
 from edgevl_jax.edgevl import handoff
 from edgevl_jax.jobs import dual_modality_kd as kd
-from edgevl_jax.models import clip
 from edgevl_jax.models import students
 from edgevl_jax.run import mesh as mesh_lib
 from edgevl_jax.run import optim as optim_lib
 from edgevl_jax.run import registry
 from edgevl_jax.run import state as state_lib
+# The tiny CLIP teacher and the 8-device mesh of the trainer-step tests.
+from tests.test_trainers_edgevl import mesh  # noqa: F401 (fixture)
+from tests.test_trainers_edgevl import teacher  # noqa: F401 (fixture)
 
 S = 16
-TINY_CLIP = ml_collections.ConfigDict(dict(
-    vision_width=32, vision_layers=1, vision_heads=2, patch_size=4,
-    text_width=32, text_layers=1, text_heads=2, projection_dim=16,
-    max_length=8, vocab_size=300, hidden_act="gelu"))
 TINY = {
     "vit_ti16": dict(image_size=S, patch_size=4, width=32, depth=2,
                      num_heads=2, drop_path_rate=0.0),
@@ -30,18 +27,6 @@ TINY = {
 # Plain SGD with lr 1: the update is the gradient itself.
 SGD = ml_collections.ConfigDict(dict(name="sgd", lr=1.0, momentum=0.0,
                                      schedule="constant", weight_decay=0.0))
-
-
-@pytest.fixture(scope="module")
-def mesh():
-  return mesh_lib.make_mesh()
-
-
-@pytest.fixture(scope="module")
-def teacher():
-  model = clip.CLIP(config=clip_teacher.build_hf_config(
-      TINY_CLIP, image_size=S, vocab_size=300))
-  return model, clip.init_params(model, jax.random.key(0))
 
 
 def _batch(mesh, n=32):
