@@ -122,6 +122,14 @@ def student():
               fake_quant=_unit(fake_quant[0]))
 
 
+def _assert_within_one_quantisation(out, student):
+  """1 - cos(graph, fake-quant) < 1 - cos(fake-quant, fp32): see
+  test_unoptimised_int8_graph_is_the_fake_quant_model."""
+  fq, fp = student["fake_quant"], student["fp32"]
+  assert 1.0 - _cos(out, fq) < 1.0 - _cos(fq, fp), (_cos(out, fq),
+                                                    _cos(fq, fp))
+
+
 def _run(model, images, optimized=None):
   opts = ort.SessionOptions()
   opts.log_severity_level = 3
@@ -153,6 +161,7 @@ def test_int8_graph_equals_fake_quant(student, encoding, tmp_path):
   print(encoding, "cos", _cos(out, student["fake_quant"]), "max abs",
         np.abs(out - student["fake_quant"]).max())
   assert _cos(out, student["fake_quant"]) >= 0.999
+  _assert_within_one_quantisation(out, student)
   # The reference is int8: it is measurably off the fp32 student.
   print("fake-quant vs fp32 cos", _cos(student["fake_quant"], student["fp32"]),
         "max abs", np.abs(student["fake_quant"] - student["fp32"]).max())
@@ -167,9 +176,17 @@ def test_int8_graph_equals_fake_quant(student, encoding, tmp_path):
 
 def test_unoptimised_int8_graph_is_the_fake_quant_model(student):
   """With ONNX Runtime's fusions off, the QDQ graph is computed op by op in
-  float: it must be the fake-quant student itself (the optimised graph may
-  differ by codes that float summation order moves across a rounding
-  boundary, bounded by the 0.999 test above)."""
+  float: the fake-quant student up to codes that float summation order
+  (ONNX Runtime vs XLA) puts across a rounding boundary. Measured: block 1's
+  first conv input has 1 code of 9600 off (its value 2e-6 from Flax's,
+  which is exact to float noise through block 0), 6 outputs move by one
+  step, and such flips cascade through the blocks to an embedding cosine
+  of 0.99991 (fake-quant vs fp32: 0.99975). So the bound is the 0.999 of
+  the optimised graph, not 0.99999. As 0.999 alone misses real bugs here
+  (every step 20% off: 0.99919; one quantiser missing: 0.99943; steps 3%
+  off: 0.99956), both int8 tests also ask that the graph's distance to the
+  fake-quant student be below one quantisation's (fake-quant vs fp32),
+  which those mutants fail; measured 1.3e-4 and 0.9e-4 vs 2.5e-4."""
   fp, fq = student["fp32"], student["fake_quant"]
   assert float(np.min(fp @ fp.T)) < 0.99  # embeddings depend on the image
   model = onnx_export.student_onnx(student["meta"], student["served"],
@@ -181,7 +198,8 @@ def test_unoptimised_int8_graph_is_the_fake_quant_model(student):
   out = session.run(None, {"images": student["images"]})[0]
   print("unoptimised s8s8 cos", _cos(out, fq), "max abs",
         np.abs(out - fq).max())
-  assert _cos(out, fq) >= 0.999  # TODO: measured 0.99991, see report
+  assert _cos(out, fq) >= 0.999
+  _assert_within_one_quantisation(out, student)
 
 
 def test_u8_and_s8s8_hold_the_same_codes(student):
