@@ -19,7 +19,8 @@ class names, logit scale, per-file bytes and sha256). `edge_predict` reads it
 with onnxruntime and numpy only.
 
 New families: add `FAMILIES[BackboneClass] = writer(g, w, module, x,
-image_size) -> pooled name` (see onnx_transformers.py / onnx_cnns.py).
+image_size) -> pooled name` (see onnx_transformers.py / onnx_cnns.py /
+onnx_ghostnet.py).
 """
 from __future__ import annotations
 
@@ -33,10 +34,12 @@ from onnx import helper
 
 from edgevl_jax.export import edge_predict
 from edgevl_jax.export import onnx_cnns
+from edgevl_jax.export import onnx_ghostnet
 from edgevl_jax.export import onnx_transformers
 from edgevl_jax.export import onnx_graph
 from edgevl_jax.export.onnx_graph import Graph
 from edgevl_jax.export.onnx_weights import Weights
+from edgevl_jax.models import ghostnet
 from edgevl_jax.models import mobilenet
 from edgevl_jax.models import preprocess
 from edgevl_jax.models import resnet
@@ -57,6 +60,7 @@ FAMILIES: dict[type, Writer] = {
     swin.Swin: onnx_transformers.swin,
     resnet.ResNet: onnx_cnns.resnet,
     mobilenet.MobileNetV2: onnx_cnns.mobilenet_v2,
+    ghostnet.GhostNetV3: onnx_ghostnet.ghostnet_v3,
 }
 
 
