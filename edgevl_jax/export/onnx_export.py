@@ -33,10 +33,12 @@ from onnx import TensorProto
 from onnx import helper
 
 from edgevl_jax.export import onnx_cnns
+from edgevl_jax.export import onnx_dat
 from edgevl_jax.export import onnx_transformers
 from edgevl_jax.export import onnx_graph
 from edgevl_jax.export.onnx_graph import Graph
 from edgevl_jax.export.onnx_weights import Weights
+from edgevl_jax.models import dat
 from edgevl_jax.models import mobilenet
 from edgevl_jax.models import preprocess
 from edgevl_jax.models import resnet
@@ -57,6 +59,7 @@ FAMILIES: dict[type, Writer] = {
     swin.Swin: onnx_transformers.swin,
     resnet.ResNet: onnx_cnns.resnet,
     mobilenet.MobileNetV2: onnx_cnns.mobilenet_v2,
+    dat.DAT: onnx_dat.dat,
 }
 
 
