@@ -18,8 +18,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from onnx import helper
 
 from edgevl_jax.export.onnx_graph import Graph
+from edgevl_jax.export.onnx_graph import Layer
 from edgevl_jax.export.onnx_weights import Weights
 from edgevl_jax.models import dat as dat_lib
 
@@ -89,6 +91,26 @@ def _neighbourhood(g: Graph, w: Weights, path: str, x: str, *, hw, c: int,
   return g.dense(out, w.layer(f"{path}/proj"))
 
 
+def _dense_pair(g: Graph, x: str, a: Layer, b: Layer) -> tuple[str, str]:
+  """Two Dense of one input (proj_k, proj_v): one MatMul of the concatenated
+  kernels when they quantise the input alike (the same calibrated tensor,
+  so the same amax), then Split. Exact: the weights are per output channel.
+  ONNX Runtime leaves two DQ -> MatMul reading one shared Q float."""
+  if a.quantised != b.quantised or a.amax != b.amax or (a.bias is None) != (
+      b.bias is None):
+    return g.dense(x, a), g.dense(x, b)
+  o = (a.codes if a.quantised else a.kernel).shape[1]
+  cat = lambda u, v: None if u is None else np.concatenate([u, v], axis=-1)
+  both = Layer(kernel=cat(a.kernel, b.kernel), codes=cat(a.codes, b.codes),
+               step=cat(a.step, b.step), bias=cat(a.bias, b.bias),
+               amax=a.amax)
+  y = g.dense(x, both)
+  out = [g.fresh("split"), g.fresh("split")]
+  g.nodes.append(helper.make_node("Split", [y, g.ints([o, o])], out,
+                                  name=out[0], axis=-1))
+  return out[0], out[1]
+
+
 def _flip_xy(g: Graph, pos: str) -> str:
   """(..., (y, x)) -> (..., (x, y)), the GridSample order."""
   return g.op("Gather", pos, g.const(np.asarray([1, 0], np.int64), "yx_xy"),
@@ -135,8 +157,8 @@ def _deformable(g: Graph, w: Weights, path: str, x: str, *, hw, c: int,
   sampled = _grid_sample(g, xg, _flip_xy(g, pos))             # (Bg, cg, hk, wk)
   sampled = g.reshape(g.transpose(g.reshape(sampled, (-1, groups, cg, ns)),
                                   (0, 3, 1, 2)), (-1, ns, c))
-  k = g.dense(sampled, w.layer(f"{path}/proj_k"))
-  v = g.dense(sampled, w.layer(f"{path}/proj_v"))
+  k, v = _dense_pair(g, sampled, w.layer(f"{path}/proj_k"),
+                     w.layer(f"{path}/proj_v"))
   qh = g.transpose(g.reshape(q, (-1, h * wd, heads, hd)), (0, 2, 1, 3))
   kh = g.transpose(g.reshape(k, (-1, ns, heads, hd)), (0, 2, 3, 1))
   vh = g.transpose(g.reshape(v, (-1, ns, heads, hd)), (0, 2, 1, 3))
