@@ -114,3 +114,30 @@ def test_int8_graph_equals_fake_quant(student, encoding, tmp_path):
   dtype = onnx.TensorProto.UINT8 if encoding == "u8" else onnx.TensorProto.INT8
   zps = [i for i in model.graph.initializer if i.name.startswith("zp_")]
   assert [z.data_type for z in zps] == [dtype]
+
+
+def test_int8_file_size_is_the_served_size():
+  """Full 224-px dat_t: the int8 ONNX file is the served int8 bytes (+10%).
+
+  Served variables with the shapes and dtypes of `quant.convert` (from
+  `jax.eval_shape` of the serve model) and placeholder values, as
+  test_onnx_export's size test.
+  """
+  meta = dict(name="dat_t", embed_dim=512, normalization="clip", overrides={})
+  serve = students.build("dat_t", embed_dim=512, quant=quant.int8(
+      calibration="static", phase="serve"))
+  shapes = quant.drop_frozen_kernels(jax.eval_shape(
+      serve.init, jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3))))
+  shapes = {k: v for k, v in shapes.items()
+            if k in ("params", "batch_stats", "aqt", "quant_stats")}
+  served = jax.tree.map(lambda a: np.ones(a.shape, a.dtype),
+                        flax.linen.meta.unbox(shapes))
+  model = onnx_export.student_onnx(meta, served, encoding="u8")
+  served_bytes = size_lib.model_size(served)["bytes"]
+  onnx_bytes = len(model.SerializeToString())
+  print("dat_t int8 onnx", onnx_bytes, "served", served_bytes)
+  assert abs(onnx_bytes - served_bytes) <= 0.10 * served_bytes, (
+      onnx_bytes, served_bytes)
+  int8_codes = sum(len(i.raw_data) for i in model.graph.initializer
+                   if i.data_type == onnx.TensorProto.INT8)
+  assert int8_codes >= 0.5 * onnx_bytes  # the weights are int8 on disk

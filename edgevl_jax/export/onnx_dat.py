@@ -10,8 +10,10 @@ amax / 127. LayerNorm, GELU, softmax, the offsets, both bilinear samplings
 `sampling.grid_sample`) and the bias tables stay float.
 
 'N': the k x k neighbourhoods are constant Gathers of the flattened keys and
-values (NATTEN's border-shifted windows); the bias is a constant
-(heads, HW, k*k) tensor read from the rpb table at export.
+values (NATTEN's border-shifted windows), rows then columns with (L, k)
+indices as the Flax code; the bias gathers the (heads, 2k-1, 2k-1) rpb table
+the same way (small constants, folded by the runtime at load: the file holds
+the table, not the (heads, HW, k*k) bias).
 """
 from __future__ import annotations
 
@@ -59,28 +61,34 @@ def _neighbourhood(g: Graph, w: Weights, path: str, x: str, *, hw, c: int,
   q = g.op("Mul", q, g.const(np.float32(hd ** -0.5)))
   keys_h, rel_h = dat_lib.neighbourhood_index(h, k)
   keys_w, rel_w = dat_lib.neighbourhood_index(wd, k)
-  # Query (i, j), slot (a, b) -> key keys_h[i, a] * W + keys_w[j, b].
-  index = (keys_h[:, None, :, None] * wd + keys_w[None, :, None, :]).reshape(
-      n, kk).astype(np.int64)
-  index = g.const(index, f"na_index_{h}_{wd}_{k}")
+  idx = lambda a, name: g.const(a.astype(np.int64), f"na_{name}_{len(a)}_{k}")
+
+  def neighbourhoods(t):  # (B, HW, heads, d) -> (B, HW, k*k, heads, d)
+    t = g.reshape(t, (-1, h, wd, heads, hd))
+    t = g.op("Gather", g.op("Gather", t, idx(keys_h, "keys"), axis=1),
+             idx(keys_w, "keys"), axis=3)             # B,H,ka,W,kb,h,d
+    return g.reshape(g.transpose(t, (0, 1, 3, 2, 4, 5, 6)),
+                     (-1, n, kk, heads, hd))
+
   q_shape, kn_shape = (1, n, heads, hd), (1, n, kk, heads, hd)
   q_amax, k_amax = w.einsum_amax(f"{path}/qk_einsum", "bnhd,bnmhd->bhnm",
                                  q_shape, kn_shape)
   # Q/DQ right at the MatMul inputs (per tensor, so the same codes as
   # before the gathers; ORT's transpose optimiser mis-types a Q it moves
   # through a Transpose in the s8s8 graph).
-  kn = g.op("Gather", key, index, axis=1)               # B,HW,kk,h,d
+  kn = neighbourhoods(key)
   qh = g.reshape(g.transpose(q, (0, 2, 1, 3)), (-1, heads, n, 1, hd))
   logits = g.op("MatMul", g.quant(qh, q_amax),
                 g.quant(g.transpose(kn, (0, 3, 1, 4, 2)), k_amax))
   logits = g.reshape(logits, (-1, heads, n, kk))
-  rpb = w.param(f"{path}/rpb")
-  bias = rpb[:, rel_h[:, :, None, None], rel_w[None, None]]
-  bias = bias.transpose(0, 1, 3, 2, 4).reshape(heads, n, kk)
-  probs = g.op("Softmax", g.op("Add", logits, g.const(bias)), axis=-1)
+  bias = g.op("Gather", g.op("Gather", g.const(w.param(f"{path}/rpb")),
+                             idx(rel_h, "rel"), axis=1),
+              idx(rel_w, "rel"), axis=3)              # heads,H,ka,W,kb
+  bias = g.reshape(g.transpose(bias, (0, 1, 3, 2, 4)), (heads, n, kk))
+  probs = g.op("Softmax", g.op("Add", logits, bias), axis=-1)
   p_amax, v_amax = w.einsum_amax(f"{path}/av_einsum", "bhnm,bnmhd->bnhd",
                                  (1, heads, n, kk), kn_shape)
-  vn = g.op("Gather", v, index, axis=1)
+  vn = neighbourhoods(v)
   out = g.op("MatMul", g.quant(g.reshape(probs, (-1, heads, n, 1, kk)),
                                p_amax),
              g.quant(g.transpose(vn, (0, 3, 1, 2, 4)), v_amax))  # B,h,HW,1,d
