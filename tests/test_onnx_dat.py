@@ -98,6 +98,14 @@ def test_fp32_graph_equals_flax(student):
 
 @pytest.mark.parametrize("encoding", ["s8s8", "u8"])
 def test_int8_graph_equals_fake_quant(student, encoding, tmp_path):
+  """Measured cosine 0.99963 (max abs 0.014): this random tiny DAT is far
+  noisier under int8 than the other families' tiny configs (fake-quant vs
+  fp32 cosine ~0.998 with only 'N' blocks, ~0.986 with only 'D' blocks, vs
+  0.99984 for the tiny Swin), and the ONNX-vs-fake-quant gap stays a small
+  fraction of that noise (0.03-0.24 of 1 - cos(fq, fp32), Swin 0.19): one-code
+  rounding flips where XLA and ORT order float ops differently, amplified by
+  the offsets (sampling positions) - not a systematic error. The bound is
+  the brief's 0.999, not loosened."""
   model = onnx_export.student_onnx(META, student["served"], encoding=encoding)
   onnx.checker.check_model(model, full_check=True)
   optimized = str(tmp_path / "optimized.onnx")
@@ -141,3 +149,9 @@ def test_int8_file_size_is_the_served_size():
   int8_codes = sum(len(i.raw_data) for i in model.graph.initializer
                    if i.data_type == onnx.TensorProto.INT8)
   assert int8_codes >= 0.5 * onnx_bytes  # the weights are int8 on disk
+
+
+def test_u8_and_s8s8_hold_the_same_codes(student):
+  outs = [_run(onnx_export.student_onnx(META, student["served"], encoding=e),
+               student["images"]) for e in ("s8s8", "u8")]
+  assert _cos(outs[0], outs[1]) >= 0.99999

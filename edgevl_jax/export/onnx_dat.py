@@ -17,8 +17,6 @@ the table, not the (heads, HW, k*k) bias).
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from onnx import helper
 
@@ -132,7 +130,7 @@ def _grid_sample(g: Graph, x: str, grid: str) -> str:
 
 
 def _deformable(g: Graph, w: Weights, path: str, x: str, *, hw, c: int,
-                m, s: int, side: int) -> str:
+                m, s: int) -> str:
   """dat.DeformableAttention on a (B, H, W, C) map."""
   h, wd = hw
   heads, groups = m.num_heads[s], m.groups[s]
@@ -213,14 +211,12 @@ def dat(g: Graph, w: Weights, m, x: str, image_size: int) -> str:
             _conv(g, w, "backbone/stem_conv2", t, stride=stride), eps)
   out = lambda n, st: (n + 2 - 3) // st + 1
   hw = (out(out(image_size, stride), stride),) * 2
-  side = math.ceil(math.ceil(m.image_size / stride) / stride)
   c = m.dim_stem
   for s, spec in enumerate(specs):
     if s > 0:
       t = _conv(g, w, f"backbone/stage{s - 1}_down", t, stride=2)
       t = _norm(g, w, f"backbone/stage{s - 1}_down_norm", t, eps)
       hw = (out(hw[0], 2), out(hw[1], 2))
-      side = math.ceil(side / 2)
       c = m.dims[s]
     if c != m.dims[s]:
       t = g.dense(t, w.layer(f"backbone/stage{s}_proj"))
@@ -233,8 +229,7 @@ def dat(g: Graph, w: Weights, m, x: str, image_size: int) -> str:
         y = _neighbourhood(g, w, f"{b}/attention", y, hw=hw, c=c,
                            heads=m.num_heads[s], k=m.nat_kernels[s])
       else:
-        y = _deformable(g, w, f"{b}/attention", y, hw=hw, c=c, m=m, s=s,
-                        side=side)
+        y = _deformable(g, w, f"{b}/attention", y, hw=hw, c=c, m=m, s=s)
       t = g.op("Add", t, y)
       t = g.op("Add", t, _conv_mlp(g, w, f"{b}/mlp",
                                    _norm(g, w, f"{b}/norm2", t, eps),
