@@ -34,20 +34,14 @@ from onnx import helper
 
 from edgevl_jax.export import edge_predict
 from edgevl_jax.export import onnx_cnns
-<<<<<<< HEAD
-from edgevl_jax.export import onnx_ghostnet
-=======
 from edgevl_jax.export import onnx_dat
->>>>>>> onnx_dat
-from edgevl_jax.export import onnx_transformers
+from edgevl_jax.export import onnx_ghostnet
 from edgevl_jax.export import onnx_graph
+from edgevl_jax.export import onnx_transformers
 from edgevl_jax.export.onnx_graph import Graph
 from edgevl_jax.export.onnx_weights import Weights
-<<<<<<< HEAD
-from edgevl_jax.models import ghostnet
-=======
 from edgevl_jax.models import dat
->>>>>>> onnx_dat
+from edgevl_jax.models import ghostnet
 from edgevl_jax.models import mobilenet
 from edgevl_jax.models import preprocess
 from edgevl_jax.models import resnet
