@@ -207,8 +207,7 @@ def _memory_options(config: Any, meta: dict[str, Any], teacher: Any,
   if config.remat:
     extra["remat"] = True
   train_model = handoff.build_student(
-      {**meta, "overrides": {**meta["overrides"], **extra}}) if extra else (
-          handoff.build_student(meta))
+      {**meta, "overrides": {**meta["overrides"], **extra}})
   p_dtype = DTYPES[config.teacher_param_dtype]
   if p_dtype != jnp.float32:
     t_params = jax.tree.map(lambda x: x.astype(p_dtype), t_params)
